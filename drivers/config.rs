@@ -1,0 +1,293 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The device's configuration, validated.
+//!
+//! Everything in the config space is untrusted. [`Geometry::new`] checks the fields that
+//! never change (block size, region) once at probe; [`Sizes::new`] checks the fields that
+//! change (usable, plugged and requested size) on every read. A failed check names the
+//! field, its value and what is wrong with it.
+//!
+//! Plain `core` Rust: no kernel calls, so the same code can be tested on the host.
+
+/// The config space as read from the device, field by field, in CPU byte order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub(crate) struct RawConfig {
+    pub(crate) block_size: u64,
+    pub(crate) addr: u64,
+    pub(crate) region_size: u64,
+    pub(crate) usable_region_size: u64,
+    pub(crate) plugged_size: u64,
+    pub(crate) requested_size: u64,
+    pub(crate) node_id: u16,
+}
+
+/// What the kernel imposes on the device's memory.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// Size of a Linux memory block (a power of two).
+    pub(crate) memory_block_size: u64,
+    /// Size of a pageblock (a power of two).
+    pub(crate) pageblock_size: u64,
+    /// First and last byte of the physical range that memory hotplug can use.
+    pub(crate) pluggable_start: u64,
+    pub(crate) pluggable_end: u64,
+}
+
+/// A config field the driver refuses, with its value and the reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ConfigError {
+    pub(crate) field: &'static str,
+    pub(crate) value: u64,
+    pub(crate) reason: &'static str,
+}
+
+impl ConfigError {
+    const fn new(field: &'static str, value: u64, reason: &'static str) -> Self {
+        Self {
+            field,
+            value,
+            reason,
+        }
+    }
+}
+
+/// How the driver manages the device's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ModeKind {
+    /// Sub Block Mode: subblocks smaller than a Linux memory block, (un)plugged and
+    /// (fake) onlined one by one inside added memory blocks.
+    Sbm,
+}
+
+impl ModeKind {
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            Self::Sbm => "Sub Block Mode",
+        }
+    }
+}
+
+/// The fixed geometry of a device, validated.
+///
+/// # Invariants
+///
+/// `device_block_size`, `subblock_size` and `memory_block_size` are powers of two with
+/// `device_block_size <= subblock_size < memory_block_size`; `addr + region_size` does not
+/// overflow and lies inside the pluggable range; memory blocks `first_mb .. first_mb +
+/// nr_mbs` lie fully inside the region, and there is at least one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    pub(crate) addr: u64,
+    pub(crate) region_size: u64,
+    pub(crate) device_block_size: u64,
+    pub(crate) subblock_size: u64,
+    pub(crate) memory_block_size: u64,
+    pub(crate) mode: ModeKind,
+    /// Id (physical address / memory block size) of the first memory block in the region.
+    pub(crate) first_mb: u64,
+    /// Number of memory blocks fully inside the region.
+    pub(crate) nr_mbs: u64,
+}
+
+impl Geometry {
+    /// Validates the fields of `raw` that never change.
+    pub(crate) fn new(raw: &RawConfig, limits: &Limits) -> Result<Self, ConfigError> {
+        let bs = raw.block_size;
+        if bs == 0 || !bs.is_power_of_two() {
+            return Err(ConfigError::new(
+                "block_size",
+                bs,
+                "is not a non-zero power of two",
+            ));
+        }
+        if raw.addr % bs != 0 {
+            return Err(ConfigError::new(
+                "addr",
+                raw.addr,
+                "is not aligned to block_size",
+            ));
+        }
+        if raw.region_size == 0 || raw.region_size % bs != 0 {
+            return Err(ConfigError::new(
+                "region_size",
+                raw.region_size,
+                "is zero or not a multiple of block_size",
+            ));
+        }
+        let end = raw.addr.checked_add(raw.region_size).ok_or(ConfigError::new(
+            "region_size",
+            raw.region_size,
+            "makes addr + region_size overflow",
+        ))?;
+        if raw.addr < limits.pluggable_start {
+            return Err(ConfigError::new(
+                "addr",
+                raw.addr,
+                "is below the pluggable physical range",
+            ));
+        }
+        if end - 1 > limits.pluggable_end {
+            return Err(ConfigError::new(
+                "region_size",
+                raw.region_size,
+                "makes the region end beyond the pluggable physical range",
+            ));
+        }
+        if raw.usable_region_size > raw.region_size || raw.usable_region_size % bs != 0 {
+            return Err(ConfigError::new(
+                "usable_region_size",
+                raw.usable_region_size,
+                "is larger than region_size or not a multiple of block_size",
+            ));
+        }
+
+        let mb = limits.memory_block_size;
+        let subblock_size = bs.max(limits.pageblock_size);
+        if subblock_size >= mb {
+            return Err(ConfigError::new(
+                "block_size",
+                bs,
+                "needs Big Block Mode (device block not smaller than a memory block), \
+                 which this driver does not support yet",
+            ));
+        }
+        if subblock_size / bs > u64::from(u16::MAX) {
+            return Err(ConfigError::new(
+                "block_size",
+                bs,
+                "is so small that one subblock needs more than 65535 blocks in a request",
+            ));
+        }
+        // Only memory blocks fully inside the region can be added.
+        let first_mb = raw.addr.div_ceil(mb);
+        let end_mb = end / mb;
+        if end_mb <= first_mb {
+            return Err(ConfigError::new(
+                "region_size",
+                raw.region_size,
+                "does not hold a single aligned memory block",
+            ));
+        }
+        Ok(Self {
+            addr: raw.addr,
+            region_size: raw.region_size,
+            device_block_size: bs,
+            subblock_size,
+            memory_block_size: mb,
+            mode: ModeKind::Sbm,
+            first_mb,
+            nr_mbs: end_mb - first_mb,
+        })
+    }
+
+    /// Subblocks in one memory block (at least two).
+    pub(crate) const fn sbs_per_mb(&self) -> u64 {
+        self.memory_block_size / self.subblock_size
+    }
+
+    /// Device blocks in one subblock.
+    pub(crate) const fn blocks_per_sb(&self) -> u64 {
+        self.subblock_size / self.device_block_size
+    }
+
+    /// Physical address of memory block `index` (0-based inside the region).
+    pub(crate) const fn mb_addr(&self, index: usize) -> u64 {
+        (self.first_mb + index as u64) * self.memory_block_size
+    }
+
+    /// Physical address of subblock `sb` of memory block `index`.
+    pub(crate) const fn sb_addr(&self, index: usize, sb: usize) -> u64 {
+        self.mb_addr(index) + sb as u64 * self.subblock_size
+    }
+
+    /// The memory block (0-based inside the region) that holds `[start, start + size)`,
+    /// if that range lies inside one of the region's memory blocks.
+    pub(crate) fn mb_of(&self, start: u64, size: u64) -> Option<usize> {
+        let mb = self.memory_block_size;
+        let id = start / mb;
+        let last = start.checked_add(size)?.checked_sub(1)? / mb;
+        if size == 0 || id != last || id < self.first_mb || id - self.first_mb >= self.nr_mbs {
+            return None;
+        }
+        usize::try_from(id - self.first_mb).ok()
+    }
+
+    /// The memory block whose whole range is exactly `[start, start + size)`.
+    pub(crate) fn mb_exactly(&self, start: u64, size: u64) -> Option<usize> {
+        if size != self.memory_block_size || start % self.memory_block_size != 0 {
+            return None;
+        }
+        self.mb_of(start, size)
+    }
+
+    /// Subblocks (first, count) of memory block `index` covered by `[start, start + size)`.
+    pub(crate) fn sb_span(&self, index: usize, start: u64, size: u64) -> (usize, usize) {
+        let base = self.mb_addr(index);
+        let first = (start - base) / self.subblock_size;
+        let last = (start + size - 1 - base) / self.subblock_size;
+        (first as usize, (last - first + 1) as usize)
+    }
+
+    /// Memory blocks fully inside the first `usable` bytes of the region.
+    pub(crate) fn usable_mbs(&self, usable: u64) -> usize {
+        // `addr + usable <= addr + region_size` does not overflow (invariant).
+        let end_mb = (self.addr + usable) / self.memory_block_size;
+        end_mb.saturating_sub(self.first_mb).min(self.nr_mbs) as usize
+    }
+}
+
+/// The sizes that change while the device runs, validated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Sizes {
+    pub(crate) usable: u64,
+    pub(crate) plugged: u64,
+    pub(crate) requested: u64,
+}
+
+impl Sizes {
+    /// Validates the changing fields of `raw` against the geometry.
+    pub(crate) fn new(raw: &RawConfig, geo: &Geometry) -> Result<Self, ConfigError> {
+        let bs = geo.device_block_size;
+        if raw.block_size != bs {
+            return Err(ConfigError::new(
+                "block_size",
+                raw.block_size,
+                "changed while the device runs",
+            ));
+        }
+        if raw.addr != geo.addr || raw.region_size != geo.region_size {
+            return Err(ConfigError::new(
+                "addr",
+                raw.addr,
+                "or region_size changed while the device runs",
+            ));
+        }
+        if raw.usable_region_size > geo.region_size || raw.usable_region_size % bs != 0 {
+            return Err(ConfigError::new(
+                "usable_region_size",
+                raw.usable_region_size,
+                "is larger than region_size or not a multiple of block_size",
+            ));
+        }
+        if raw.plugged_size > geo.region_size || raw.plugged_size % bs != 0 {
+            return Err(ConfigError::new(
+                "plugged_size",
+                raw.plugged_size,
+                "is larger than region_size or not a multiple of block_size",
+            ));
+        }
+        if raw.requested_size > raw.usable_region_size || raw.requested_size % bs != 0 {
+            return Err(ConfigError::new(
+                "requested_size",
+                raw.requested_size,
+                "is larger than usable_region_size or not a multiple of block_size",
+            ));
+        }
+        Ok(Self {
+            usable: raw.usable_region_size,
+            plugged: raw.plugged_size,
+            requested: raw.requested_size,
+        })
+    }
+}

@@ -1,0 +1,655 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! One virtio-mem device: its validated geometry, its state behind one mutex, the worker
+//! that follows the requested size, and the answers to core mm's memory notifier and
+//! online page callback.
+//!
+//! # Locking
+//!
+//! `inner` is taken by the worker, the memory notifier and the online page callback. Core
+//! mm calls the latter two with the memory hotplug lock held, so the worker never holds
+//! `inner` while it calls into memory hotplug (`add_memory`): it drops the lock around it.
+//! The worker does hold it across device requests, which are bounded by a timeout.
+
+use crate::{
+    config::{ConfigError, Geometry, Limits, Sizes},
+    glue::{self, pages, Channel, Glue},
+    protocol::{self, BadResponse, RequestType, Response},
+    sbm::{MbState, PlugStep, Plugged, Sbm},
+};
+use core::sync::atomic::{AtomicBool, Ordering};
+use kernel::{
+    alloc::KVVec,
+    device::Device,
+    new_mutex,
+    prelude::*,
+    sync::{Arc, Mutex, MutexGuard},
+    types::ARef,
+};
+
+/// How long the worker waits for the device to answer one request.
+const REQUEST_TIMEOUT_MS: u32 = 30_000;
+/// Retries after BUSY or a failed add: from this delay, doubling, up to the maximum.
+const RETRY_MIN_MS: u32 = 1_000;
+const RETRY_MAX_MS: u32 = 300_000;
+/// Stop adding memory while at least this much is added but offline (or two blocks).
+const OFFLINE_THRESHOLD: u64 = 1 << 30;
+
+/// Memory notifier events, as the glue passes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MemEvent {
+    GoingOnline,
+    Online,
+    CancelOnline,
+    GoingOffline,
+    Offline,
+    CancelOffline,
+}
+
+/// Memory notifier answers, as the glue expects them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub(crate) enum NotifyAnswer {
+    Ok = 0,
+    Bad = 1,
+    Done = 2,
+}
+
+/// How the device's memory is managed. Big Block Mode will be a second variant.
+enum Mode {
+    Sbm(Sbm<KVVec<u64>>),
+}
+
+/// Why the worker stopped before reaching the requested size.
+enum Stop {
+    /// The device refused to plug more (NACK): wait for the next config change.
+    Nack,
+    /// The device is busy, or adding memory failed: retry later.
+    RetryLater,
+    /// Too much memory is added but not online: wait until it is onlined.
+    WaitForOnline,
+    /// Every usable memory block is in use.
+    NoRoom,
+    /// The device answered ERROR, an invalid response or nothing: stop for good.
+    Broken,
+}
+
+struct Inner {
+    chan: Channel,
+    mode: Mode,
+    /// The last valid sizes the device reported.
+    sizes: Sizes,
+    /// What this driver has plugged (the device's `plugged_size` is only compared to it).
+    plugged: u64,
+    /// Memory was plugged at probe: UNPLUG_ALL before anything else.
+    unplug_all_required: bool,
+    broken: bool,
+    removing: bool,
+    retry_ms: u32,
+    waiting_for_online: bool,
+    /// The requested size the device NACKed a plug at: no new try until it changes.
+    nacked_at: Option<u64>,
+    /// A shrink was asked; said once per requested size.
+    shrink_warned_at: Option<u64>,
+}
+
+/// One virtio-mem device.
+#[pin_data]
+pub(crate) struct VirtioMem {
+    dev: ARef<Device>,
+    glue: Glue,
+    geo: Geometry,
+    page_size: u64,
+    nid: i32,
+    offline_threshold_mbs: usize,
+    /// Set by the config change callback (any context), consumed by the worker.
+    config_changed: AtomicBool,
+    #[pin]
+    inner: Mutex<Inner>,
+}
+
+/// Turns a refused config field into a log line and `EINVAL`.
+fn config_err(dev: &Device, e: ConfigError) -> Error {
+    dev_err!(
+        dev,
+        "invalid device config: {} = {:#x} {}\n",
+        e.field,
+        e.value,
+        e.reason
+    );
+    EINVAL
+}
+
+impl VirtioMem {
+    /// Reads and validates the config, allocates the state. Nothing is registered yet.
+    pub(crate) fn new(glue: Glue, mut chan: Channel, dev: ARef<Device>) -> Result<Arc<Self>> {
+        let raw = chan.read_config();
+        let mm = glue::mm_limits();
+        let limits = Limits {
+            memory_block_size: mm.memory_block_size,
+            pageblock_size: mm.pageblock_size,
+            pluggable_start: mm.pluggable_start,
+            pluggable_end: mm.pluggable_end,
+        };
+        let geo = Geometry::new(&raw, &limits).map_err(|e| config_err(&dev, e))?;
+        let sizes = Sizes::new(&raw, &geo).map_err(|e| config_err(&dev, e))?;
+        let nid = glue.node(raw.node_id, geo.addr);
+
+        let nr_mbs = usize::try_from(geo.nr_mbs).map_err(|_| ENOMEM)?;
+        let sbs_per_mb = geo.sbs_per_mb() as usize;
+        let words = Sbm::<KVVec<u64>>::words_needed(nr_mbs, sbs_per_mb).ok_or(ENOMEM)?;
+        let storage = KVVec::from_elem(0u64, words, GFP_KERNEL).inspect_err(|_| {
+            dev_err!(dev, "no memory for the state of {} memory blocks\n", nr_mbs)
+        })?;
+        let mut sbm = Sbm::new(storage, nr_mbs, sbs_per_mb).ok_or(EINVAL)?;
+        sbm.set_usable_mbs(geo.usable_mbs(sizes.usable));
+
+        dev_info!(
+            dev,
+            "address {:#x}, region {:#x} (usable {:#x}), device block {:#x}, subblock {:#x}, \
+             memory block {:#x}, node {}{}, {}\n",
+            geo.addr,
+            geo.region_size,
+            sizes.usable,
+            geo.device_block_size,
+            geo.subblock_size,
+            geo.memory_block_size,
+            nid,
+            if glue.has_acpi_pxm() { " (ACPI PXM)" } else { "" },
+            geo.mode.name()
+        );
+        let unplug_all_required = sizes.plugged != 0;
+        if unplug_all_required {
+            dev_info!(
+                dev,
+                "{:#x} is plugged at probe: unplugging all memory first\n",
+                sizes.plugged
+            );
+        }
+        let offline_threshold_mbs =
+            (OFFLINE_THRESHOLD / geo.memory_block_size).max(2) as usize;
+
+        Arc::pin_init(
+            try_pin_init!(Self {
+                dev,
+                glue,
+                geo,
+                page_size: mm.page_size,
+                nid,
+                offline_threshold_mbs,
+                config_changed: AtomicBool::new(true),
+                inner <- new_mutex!(
+                    Inner {
+                        chan,
+                        mode: Mode::Sbm(sbm),
+                        sizes,
+                        plugged: 0,
+                        unplug_all_required,
+                        broken: false,
+                        removing: false,
+                        retry_ms: RETRY_MIN_MS,
+                        waiting_for_online: false,
+                        nacked_at: None,
+                        shrink_warned_at: None,
+                    },
+                    "VirtioMem::inner"
+                ),
+            }),
+            GFP_KERNEL,
+        )
+    }
+
+    /// Takes the region for Linux: resource, memory group, notifier, online page callback.
+    pub(crate) fn start(&self) -> Result {
+        let g = &self.geo;
+        self.glue
+            .hotplug_init(g.addr, g.region_size, self.nid, g.memory_block_size)
+            .inspect_err(|e| {
+                dev_err!(
+                    self.dev,
+                    "cannot set up memory hotplug for {:#x}..{:#x}: {:?}\n",
+                    g.addr,
+                    g.addr + g.region_size - 1,
+                    e
+                )
+            })
+    }
+
+    /// The config changed. May run in interrupt context: only note it (the glue queues
+    /// the worker).
+    pub(crate) fn config_changed(&self) {
+        self.config_changed.store(true, Ordering::Release);
+    }
+
+    /// The device goes away: refuse onlining and offlining from now on.
+    pub(crate) fn remove(&self) {
+        self.inner.lock().removing = true;
+    }
+
+    /// The worker: follows the requested size.
+    pub(crate) fn run(&self) {
+        let mut g = self.inner.lock();
+        if g.broken || g.removing {
+            return;
+        }
+        if g.unplug_all_required {
+            match self.request(&mut g, RequestType::UnplugAll, 0, 0) {
+                Some(Response::Ack) => {
+                    g.unplug_all_required = false;
+                    self.config_changed.store(true, Ordering::Release);
+                }
+                Some(Response::Busy) => return self.retry_later(&mut g),
+                other => return self.mark_broken(&mut g, RequestType::UnplugAll, other),
+            }
+        }
+        if self.config_changed.swap(false, Ordering::AcqRel) && !self.refresh(&mut g) {
+            return;
+        }
+
+        let Sizes { requested, .. } = g.sizes;
+        if requested < g.plugged {
+            if g.shrink_warned_at != Some(requested) {
+                g.shrink_warned_at = Some(requested);
+                dev_warn!(
+                    self.dev,
+                    "requested size {:#x} is below the plugged {:#x}: unplugging is not \
+                     supported yet\n",
+                    requested,
+                    g.plugged
+                );
+            }
+            return;
+        }
+        if requested == g.plugged || g.nacked_at == Some(requested) {
+            return;
+        }
+
+        let (mut g, result) = self.plug(g, requested - g.plugged);
+        match result {
+            Ok(()) => {
+                g.retry_ms = RETRY_MIN_MS;
+                dev_info!(
+                    self.dev,
+                    "plugged {:#x} of requested {:#x}\n",
+                    g.plugged,
+                    requested
+                );
+            }
+            Err(Stop::Nack) => {
+                g.nacked_at = Some(requested);
+                dev_warn!(
+                    self.dev,
+                    "device refused to plug beyond {:#x} (requested {:#x}); waiting for a \
+                     config change\n",
+                    g.plugged,
+                    requested
+                );
+            }
+            Err(Stop::RetryLater) => self.retry_later(&mut g),
+            Err(Stop::WaitForOnline) => {
+                dev_dbg!(self.dev, "waiting for added memory to be onlined\n");
+            }
+            Err(Stop::NoRoom) => {
+                dev_warn!(
+                    self.dev,
+                    "no usable memory block left: plugged {:#x} of requested {:#x}\n",
+                    g.plugged,
+                    requested
+                );
+            }
+            Err(Stop::Broken) => g.broken = true,
+        }
+    }
+
+    /// Re-reads the config. `false` if it is invalid (logged; nothing is done until the
+    /// next change).
+    fn refresh(&self, g: &mut Inner) -> bool {
+        let raw = g.chan.read_config();
+        let sizes = match Sizes::new(&raw, &self.geo) {
+            Ok(s) => s,
+            Err(e) => {
+                config_err(&self.dev, e);
+                dev_err!(self.dev, "ignoring this config change\n");
+                return false;
+            }
+        };
+        if sizes.requested != g.sizes.requested {
+            g.nacked_at = None;
+        }
+        dev_info!(
+            self.dev,
+            "requested size {:#x}, plugged size {:#x}, usable region {:#x}\n",
+            sizes.requested,
+            sizes.plugged,
+            sizes.usable
+        );
+        if sizes.plugged != g.plugged && !g.unplug_all_required {
+            dev_warn!(
+                self.dev,
+                "device reports plugged size {:#x}, but this driver plugged {:#x}\n",
+                sizes.plugged,
+                g.plugged
+            );
+        }
+        g.sizes = sizes;
+        let usable_mbs = self.geo.usable_mbs(sizes.usable);
+        let Mode::Sbm(sbm) = &mut g.mode;
+        sbm.set_usable_mbs(usable_mbs);
+        true
+    }
+
+    fn retry_later(&self, g: &mut Inner) {
+        let delay = g.retry_ms;
+        g.retry_ms = g.retry_ms.saturating_mul(2).min(RETRY_MAX_MS);
+        dev_dbg!(self.dev, "retrying in {} ms\n", delay);
+        self.glue.queue_work(delay);
+    }
+
+    fn mark_broken(&self, g: &mut Inner, ty: RequestType, resp: Option<Response>) {
+        if let Some(r) = resp {
+            dev_err!(
+                self.dev,
+                "device answered {} with {:?}: device marked broken, no more (un)plugging\n",
+                ty.name(),
+                r
+            );
+        }
+        g.broken = true;
+    }
+
+    /// Sends one request. `None` if the device did not answer in time or answered
+    /// something invalid (logged): its state is then unknown.
+    fn request(
+        &self,
+        g: &mut Inner,
+        ty: RequestType,
+        addr: u64,
+        nb_blocks: u16,
+    ) -> Option<Response> {
+        let raw = match g
+            .chan
+            .request(ty as u16, addr, nb_blocks, REQUEST_TIMEOUT_MS)
+        {
+            Ok(raw) => raw,
+            Err(e) if e == ETIMEDOUT => {
+                dev_err!(
+                    self.dev,
+                    "no answer to {} {:#x} ({} blocks) within {} ms: device marked broken\n",
+                    ty.name(),
+                    addr,
+                    nb_blocks,
+                    REQUEST_TIMEOUT_MS
+                );
+                return None;
+            }
+            Err(e) => {
+                dev_err!(
+                    self.dev,
+                    "{} {:#x} ({} blocks) not sent: {:?}\n",
+                    ty.name(),
+                    addr,
+                    nb_blocks,
+                    e
+                );
+                return None;
+            }
+        };
+        match Response::parse(raw.ty, raw.used_len) {
+            Ok(r) => Some(r),
+            Err(BadResponse::Length(len)) => {
+                dev_err!(
+                    self.dev,
+                    "invalid answer to {} {:#x}: {} bytes used (expected 2 to {}): device \
+                     marked broken\n",
+                    ty.name(),
+                    addr,
+                    len,
+                    protocol::RESPONSE_SIZE
+                );
+                None
+            }
+            Err(BadResponse::Type(t)) => {
+                dev_err!(
+                    self.dev,
+                    "invalid answer to {} {:#x}: unknown type {:#x}: device marked broken\n",
+                    ty.name(),
+                    addr,
+                    t
+                );
+                None
+            }
+        }
+    }
+
+    /// Sends `ty` for subblocks `first .. first + count` of block `mb`, split into requests
+    /// the 16-bit block count can hold. Returns how many subblocks were done, and why it
+    /// stopped early.
+    fn request_sbs(
+        &self,
+        g: &mut Inner,
+        ty: RequestType,
+        mb: usize,
+        first: usize,
+        count: usize,
+    ) -> (usize, Result<(), Stop>) {
+        let bpsb = self.geo.blocks_per_sb();
+        let mut done = 0;
+        for (off, n) in protocol::split_run(count, bpsb) {
+            let addr = self.geo.sb_addr(mb, first + off);
+            // `split_run` keeps every request within `u16::MAX` blocks.
+            let nb = (n as u64 * bpsb) as u16;
+            let stop = match self.request(g, ty, addr, nb) {
+                Some(Response::Ack) => {
+                    done += n;
+                    continue;
+                }
+                Some(Response::Nack) => Stop::Nack,
+                Some(Response::Busy) => Stop::RetryLater,
+                other => {
+                    self.mark_broken(g, ty, other);
+                    Stop::Broken
+                }
+            };
+            return (done, Err(stop));
+        }
+        (done, Ok(()))
+    }
+
+    /// Plugs `diff` bytes. Drops and retakes the lock around adding memory.
+    fn plug<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Inner>,
+        diff: u64,
+    ) -> (MutexGuard<'a, Inner>, Result<(), Stop>) {
+        let sb_size = self.geo.subblock_size;
+        let target = g.plugged + diff;
+        loop {
+            let nb_sb = ((target - g.plugged) / sb_size) as usize;
+            if nb_sb == 0 {
+                return (g, Ok(()));
+            }
+            let Mode::Sbm(sbm) = &g.mode;
+            let Some(step) = sbm.next_plug(nb_sb) else {
+                return (g, Err(Stop::NoRoom));
+            };
+            match step {
+                PlugStep::Added { mb, first, count } => {
+                    let (done, res) = self.request_sbs(&mut g, RequestType::Plug, mb, first, count);
+                    g.plugged += done as u64 * sb_size;
+                    let Mode::Sbm(sbm) = &mut g.mode;
+                    if done > 0 && sbm.plugged_added(mb, first, done) {
+                        let addr = self.geo.sb_addr(mb, first);
+                        pages::fake_online(
+                            addr / self.page_size,
+                            done as u64 * sb_size / self.page_size,
+                        );
+                    }
+                    if let Err(stop) = res {
+                        return (g, Err(stop));
+                    }
+                }
+                PlugStep::New { mb, count } => {
+                    if sbm.offline_mbs() >= self.offline_threshold_mbs {
+                        g.waiting_for_online = true;
+                        return (g, Err(Stop::WaitForOnline));
+                    }
+                    let (done, res) = self.request_sbs(&mut g, RequestType::Plug, mb, 0, count);
+                    if done == 0 {
+                        return (g, res);
+                    }
+                    g.plugged += done as u64 * sb_size;
+                    let Mode::Sbm(sbm) = &mut g.mode;
+                    sbm.plugged_new(mb, done);
+
+                    let addr = self.geo.mb_addr(mb);
+                    let size = self.geo.memory_block_size;
+                    drop(g);
+                    let added = self.glue.add_memory(addr, size);
+                    g = self.inner.lock();
+
+                    if let Err(e) = added {
+                        dev_warn!(
+                            self.dev,
+                            "adding memory {:#x}..{:#x} failed: {:?}\n",
+                            addr,
+                            addr + size - 1,
+                            e
+                        );
+                        let (undone, _) =
+                            self.request_sbs(&mut g, RequestType::Unplug, mb, 0, done);
+                        g.plugged -= undone as u64 * sb_size;
+                        let Mode::Sbm(sbm) = &mut g.mode;
+                        sbm.add_failed(mb, undone == done);
+                        return (g, Err(if g.broken { Stop::Broken } else { Stop::RetryLater }));
+                    }
+                    if let Err(stop) = res {
+                        return (g, Err(stop));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The memory notifier, for a range overlapping the device's region.
+    pub(crate) fn memory_event(
+        &self,
+        event: MemEvent,
+        start: u64,
+        size: u64,
+        movable: bool,
+    ) -> NotifyAnswer {
+        let mut g = self.inner.lock();
+        let removing = g.removing;
+        let Some(mb) = self.geo.mb_exactly(start, size) else {
+            if matches!(event, MemEvent::GoingOnline | MemEvent::GoingOffline) {
+                dev_warn!(
+                    self.dev,
+                    "refusing to change {:#x}..{:#x}: not a memory block of this device\n",
+                    start,
+                    start + size - 1
+                );
+                return NotifyAnswer::Bad;
+            }
+            return NotifyAnswer::Done;
+        };
+        let Mode::Sbm(sbm) = &mut g.mode;
+        let page = self.page_size;
+        let refuse = |what: &str, state: MbState| {
+            dev_warn!(
+                self.dev,
+                "refusing to {} memory block {:#x}: it is {}\n",
+                what,
+                start,
+                state.name()
+            );
+            NotifyAnswer::Bad
+        };
+        match event {
+            MemEvent::GoingOnline if removing => return refuse("online", sbm.state(mb)),
+            MemEvent::GoingOffline if removing => return refuse("offline", sbm.state(mb)),
+            MemEvent::GoingOnline => {
+                if let Err(s) = sbm.going_online(mb) {
+                    return refuse("online", s);
+                }
+            }
+            MemEvent::Online => {
+                if let Err(s) = sbm.online(mb, movable) {
+                    dev_err!(
+                        self.dev,
+                        "memory block {:#x} went online while {}\n",
+                        start,
+                        s.name()
+                    );
+                }
+                if g.waiting_for_online {
+                    g.waiting_for_online = false;
+                    self.glue.queue_work(0);
+                }
+            }
+            MemEvent::CancelOnline => sbm.cancel_online(mb),
+            MemEvent::GoingOffline => {
+                if let Err(s) = sbm.going_offline(mb) {
+                    return refuse("offline", s);
+                }
+                for (first, count) in sbm.unplugged_runs(mb) {
+                    let addr = self.geo.sb_addr(mb, first);
+                    pages::going_offline(addr / page, count as u64 * self.geo.subblock_size / page);
+                }
+            }
+            MemEvent::CancelOffline => {
+                for (first, count) in sbm.unplugged_runs(mb) {
+                    let addr = self.geo.sb_addr(mb, first);
+                    pages::cancel_offline(addr / page, count as u64 * self.geo.subblock_size / page);
+                }
+                sbm.cancel_offline(mb);
+            }
+            MemEvent::Offline => {
+                if let Err(s) = sbm.offline(mb) {
+                    dev_err!(
+                        self.dev,
+                        "memory block {:#x} went offline while {}\n",
+                        start,
+                        s.name()
+                    );
+                }
+            }
+        }
+        NotifyAnswer::Ok
+    }
+
+    /// The online page callback: pages `pfn .. pfn + 2^order` of the region go online.
+    /// Plugged subblocks go to the buddy, unplugged ones stay fake-offline.
+    pub(crate) fn online_pages(&self, pfn: u64, mut order: u32) {
+        let g = self.inner.lock();
+        let Mode::Sbm(sbm) = &g.mode;
+        let page = self.page_size;
+        let sb_order = (self.geo.subblock_size / page).trailing_zeros();
+        let end = (pfn + (1 << order)) * page;
+        let mut addr = pfn * page;
+        while addr < end {
+            let size = page << order;
+            let online = match self.geo.mb_of(addr, size) {
+                Some(mb) => {
+                    let (first, count) = self.geo.sb_span(mb, addr, size);
+                    match sbm.plugged(mb, first, count) {
+                        Plugged::All => true,
+                        Plugged::None => false,
+                        Plugged::Mixed => {
+                            // Larger than a subblock: go subblock by subblock.
+                            order = sb_order;
+                            continue;
+                        }
+                    }
+                }
+                // Not a block of this device (onlining it was refused): keep it away.
+                None => false,
+            };
+            if online {
+                pages::online(addr / page, order);
+            } else {
+                pages::keep_fake_offline(addr / page, 1 << order);
+            }
+            addr += size;
+        }
+    }
+}

@@ -1,0 +1,362 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The Rust side of the C glue (`virtio_mem_glue.c`): the only place that calls C.
+//!
+//! The glue owns the C objects (the virtio device and its queue, the work item, the memory
+//! notifier, the online page callback); the Rust state ([`VirtioMem`]) lives in an [`Arc`]
+//! whose raw pointer the glue keeps from probe to release.
+//!
+//! # Invariants
+//!
+//! A [`Glue`] points to a live `struct vmr_glue`: the glue frees it only after
+//! `vmr_rs_release`, which drops the last reference to the [`VirtioMem`] holding the
+//! [`Glue`]. Requests use the glue's single request and response buffers, so [`Channel`]
+//! (the only way to send one) lives inside the device's mutex.
+
+use crate::{
+    config::RawConfig,
+    device::{MemEvent, NotifyAnswer, VirtioMem},
+};
+use core::{
+    ffi::{c_int, c_uint, c_ulong, c_void},
+    ptr::NonNull,
+};
+use kernel::{
+    bindings,
+    device::Device,
+    error::{from_result, to_result},
+    prelude::*,
+    sync::{Arc, ArcBorrow},
+};
+
+/// `struct vmr_glue`, opaque.
+#[repr(C)]
+pub(crate) struct RawGlue {
+    _opaque: [u8; 0],
+}
+
+extern "C" {
+    fn vmr_glue_read_config(glue: *mut RawGlue, cfg: *mut RawConfig);
+    fn vmr_glue_has_feature(glue: *mut RawGlue, fbit: c_uint) -> bool;
+    fn vmr_glue_request(
+        glue: *mut RawGlue,
+        ty: u16,
+        addr: u64,
+        nb_blocks: u16,
+        timeout_ms: c_uint,
+        resp_type: *mut u16,
+        resp_state: *mut u16,
+        used_len: *mut u32,
+    ) -> c_int;
+    fn vmr_glue_queue_work(glue: *mut RawGlue, delay_ms: c_uint);
+    fn vmr_glue_memory_block_size() -> u64;
+    fn vmr_glue_pageblock_size() -> u64;
+    fn vmr_glue_page_size() -> u64;
+    fn vmr_glue_pluggable_range(start: *mut u64, end: *mut u64);
+    fn vmr_glue_node(glue: *mut RawGlue, node_id: u16, addr: u64) -> c_int;
+    fn vmr_glue_hotplug_init(
+        glue: *mut RawGlue,
+        addr: u64,
+        size: u64,
+        nid: c_int,
+        unit_bytes: u64,
+    ) -> c_int;
+    fn vmr_glue_add_memory(glue: *mut RawGlue, addr: u64, size: u64) -> c_int;
+    fn vmr_glue_online_pages(pfn: c_ulong, order: c_uint);
+    fn vmr_glue_keep_fake_offline(pfn: c_ulong, nr_pages: c_ulong);
+    fn vmr_glue_fake_online(pfn: c_ulong, nr_pages: c_ulong);
+    fn vmr_glue_going_offline(pfn: c_ulong, nr_pages: c_ulong);
+    fn vmr_glue_cancel_offline(pfn: c_ulong, nr_pages: c_ulong);
+    fn vmr_glue_register_driver() -> c_int;
+    fn vmr_glue_unregister_driver();
+}
+
+/// `VIRTIO_MEM_F_ACPI_PXM`.
+const F_ACPI_PXM: c_uint = 0;
+
+/// Registers the virtio driver.
+pub(crate) fn register_driver() -> Result {
+    // SAFETY: no precondition; called once from module init.
+    to_result(unsafe { vmr_glue_register_driver() })
+}
+
+/// Unregisters the virtio driver (removing every bound device first).
+pub(crate) fn unregister_driver() {
+    // SAFETY: called once from module exit, after a successful `register_driver`.
+    unsafe { vmr_glue_unregister_driver() }
+}
+
+/// The kernel's page size, memory block size, pageblock size and pluggable range.
+pub(crate) struct MmLimits {
+    pub(crate) page_size: u64,
+    pub(crate) memory_block_size: u64,
+    pub(crate) pageblock_size: u64,
+    pub(crate) pluggable_start: u64,
+    pub(crate) pluggable_end: u64,
+}
+
+pub(crate) fn mm_limits() -> MmLimits {
+    let (mut start, mut end) = (0, 0);
+    // SAFETY: both pointers are valid for writes.
+    unsafe { vmr_glue_pluggable_range(&mut start, &mut end) };
+    MmLimits {
+        // SAFETY: these read constants.
+        page_size: unsafe { vmr_glue_page_size() },
+        // SAFETY: as above.
+        memory_block_size: unsafe { vmr_glue_memory_block_size() },
+        // SAFETY: as above.
+        pageblock_size: unsafe { vmr_glue_pageblock_size() },
+        pluggable_start: start,
+        pluggable_end: end,
+    }
+}
+
+/// A handle on the glue of one device.
+#[derive(Clone, Copy)]
+pub(crate) struct Glue(NonNull<RawGlue>);
+
+// SAFETY: the functions reachable through `Glue` may be called from any thread; the one
+// that may not run concurrently (a request) is only reachable through `Channel`.
+unsafe impl Send for Glue {}
+// SAFETY: as above.
+unsafe impl Sync for Glue {}
+
+impl Glue {
+    /// Queues the worker after `delay_ms` (at once for 0); a no-op while removing.
+    /// Callable in any context.
+    pub(crate) fn queue_work(self, delay_ms: u32) {
+        // SAFETY: `self.0` is live (type invariant).
+        unsafe { vmr_glue_queue_work(self.0.as_ptr(), delay_ms) }
+    }
+
+    /// The NUMA node of the device's memory: from the ACPI PXM `node_id` if the device
+    /// offers it, else from `addr`.
+    pub(crate) fn node(self, node_id: u16, addr: u64) -> i32 {
+        // SAFETY: `self.0` is live (type invariant).
+        unsafe { vmr_glue_node(self.0.as_ptr(), node_id, addr) }
+    }
+
+    /// Whether the device negotiated `VIRTIO_MEM_F_ACPI_PXM`.
+    pub(crate) fn has_acpi_pxm(self) -> bool {
+        // SAFETY: `self.0` is live (type invariant).
+        unsafe { vmr_glue_has_feature(self.0.as_ptr(), F_ACPI_PXM) }
+    }
+
+    /// Reserves the region, registers the memory group, the memory notifier and the online
+    /// page callback. Undone by the glue on remove.
+    pub(crate) fn hotplug_init(self, addr: u64, size: u64, nid: i32, unit: u64) -> Result {
+        // SAFETY: `self.0` is live (type invariant).
+        let rc = unsafe { vmr_glue_hotplug_init(self.0.as_ptr(), addr, size, nid, unit) };
+        to_result(rc.min(0))
+    }
+
+    /// Adds `[addr, addr + size)` to Linux as driver-managed "System RAM (virtio_mem)" in
+    /// the device's memory group. Must not be called with the device's mutex held: onlining
+    /// (which may happen right away) takes it.
+    pub(crate) fn add_memory(self, addr: u64, size: u64) -> Result {
+        // SAFETY: `self.0` is live (type invariant); the range is the caller's plugged block.
+        to_result(unsafe { vmr_glue_add_memory(self.0.as_ptr(), addr, size) })
+    }
+}
+
+/// Page operations on memory of the device's region, by page frame number.
+pub(crate) mod pages {
+    use super::*;
+
+    /// Hands plugged pages that core mm is onlining to the buddy.
+    pub(crate) fn online(pfn: u64, order: u32) {
+        // SAFETY: called from the online page callback for pages core mm is onlining.
+        unsafe { vmr_glue_online_pages(pfn as c_ulong, order) }
+    }
+
+    /// Keeps unplugged pages that core mm is onlining fake-offline.
+    pub(crate) fn keep_fake_offline(pfn: u64, nr: u64) {
+        // SAFETY: called from the online page callback for pages core mm is onlining.
+        unsafe { vmr_glue_keep_fake_offline(pfn as c_ulong, nr as c_ulong) }
+    }
+
+    /// Gives fake-offline pages, now plugged, to the buddy.
+    pub(crate) fn fake_online(pfn: u64, nr: u64) {
+        // SAFETY: the caller passes fake-offline pages of an online block it just plugged.
+        unsafe { vmr_glue_fake_online(pfn as c_ulong, nr as c_ulong) }
+    }
+
+    /// MEM_GOING_OFFLINE: drops our references to fake-offline pages.
+    pub(crate) fn going_offline(pfn: u64, nr: u64) {
+        // SAFETY: the caller passes fake-offline pages of a block going offline.
+        unsafe { vmr_glue_going_offline(pfn as c_ulong, nr as c_ulong) }
+    }
+
+    /// MEM_CANCEL_OFFLINE: takes the references back.
+    pub(crate) fn cancel_offline(pfn: u64, nr: u64) {
+        // SAFETY: the caller passes the pages it gave up in `going_offline`.
+        unsafe { vmr_glue_cancel_offline(pfn as c_ulong, nr as c_ulong) }
+    }
+}
+
+/// The device's request channel. Lives inside the device's mutex: one request at a time.
+pub(crate) struct Channel(Glue);
+
+/// A request's raw answer.
+pub(crate) struct RawResponse {
+    pub(crate) ty: u16,
+    pub(crate) used_len: u32,
+}
+
+impl Channel {
+    /// Reads the whole config space.
+    pub(crate) fn read_config(&mut self) -> RawConfig {
+        let mut cfg = RawConfig::default();
+        // SAFETY: `self.0` is live; `cfg` is valid for writes and laid out as
+        // `struct vmr_raw_config`.
+        unsafe { vmr_glue_read_config(self.0 .0.as_ptr(), &mut cfg) };
+        cfg
+    }
+
+    /// Sends one request and waits at most `timeout_ms` for the answer. `ETIMEDOUT` leaves
+    /// the request with the device: every later request fails with `EIO`.
+    pub(crate) fn request(
+        &mut self,
+        ty: u16,
+        addr: u64,
+        nb_blocks: u16,
+        timeout_ms: u32,
+    ) -> Result<RawResponse> {
+        let (mut rt, mut rs, mut len) = (0, 0, 0);
+        // SAFETY: `self.0` is live; `&mut self` makes this the only request under way; the
+        // out pointers are valid for writes.
+        let rc = unsafe {
+            vmr_glue_request(
+                self.0 .0.as_ptr(),
+                ty,
+                addr,
+                nb_blocks,
+                timeout_ms,
+                &mut rt,
+                &mut rs,
+                &mut len,
+            )
+        };
+        to_result(rc)?;
+        Ok(RawResponse {
+            ty: rt,
+            used_len: len,
+        })
+    }
+}
+
+// The callbacks of the glue. Each gets the pointer `vmr_rs_probe` stored.
+
+/// Probe: builds the device's state and hands it to the glue through `out`.
+///
+/// # Safety
+///
+/// `glue` is the caller's live `struct vmr_glue`, `dev` its device, `out` valid for writes.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_probe(
+    glue: *mut RawGlue,
+    dev: *mut bindings::device,
+    out: *mut *const c_void,
+) -> c_int {
+    from_result(|| {
+        let glue = Glue(NonNull::new(glue).ok_or(EINVAL)?);
+        // SAFETY: `dev` is the bound device, valid during probe (function safety).
+        let dev = unsafe { Device::get_device(dev) };
+        let vm = VirtioMem::new(glue, Channel(glue), dev)?;
+        let ptr = Arc::into_raw(vm.clone());
+        // SAFETY: `out` is valid for writes (function safety). The glue keeps the pointer
+        // before hotplug_init can call back with it.
+        unsafe { *out = ptr.cast() };
+        if let Err(e) = vm.start() {
+            // SAFETY: as above.
+            unsafe { *out = core::ptr::null() };
+            // SAFETY: `ptr` came from `Arc::into_raw` above and was not handed out.
+            drop(unsafe { Arc::from_raw(ptr) });
+            return Err(e);
+        }
+        Ok(0)
+    })
+}
+
+/// Turns the glue's pointer back into a borrow of the device.
+///
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe` and `vmr_rs_release` has not run yet.
+unsafe fn borrow<'a>(rust: *const c_void) -> ArcBorrow<'a, VirtioMem> {
+    // SAFETY: function safety; the glue holds the reference until `vmr_rs_release`.
+    unsafe { ArcBorrow::from_raw(rust.cast()) }
+}
+
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe`, not yet released.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_config_changed(rust: *const c_void) {
+    // SAFETY: function safety.
+    unsafe { borrow(rust) }.config_changed();
+}
+
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe`, not yet released.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_work(rust: *const c_void) {
+    // SAFETY: function safety.
+    unsafe { borrow(rust) }.run();
+}
+
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe`, not yet released.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_memory_event(
+    rust: *const c_void,
+    event: c_uint,
+    start: u64,
+    size: u64,
+    movable: bool,
+) -> c_int {
+    let event = match event {
+        0 => MemEvent::GoingOnline,
+        1 => MemEvent::Online,
+        2 => MemEvent::CancelOnline,
+        3 => MemEvent::GoingOffline,
+        4 => MemEvent::Offline,
+        5 => MemEvent::CancelOffline,
+        _ => return NotifyAnswer::Done as c_int,
+    };
+    // SAFETY: function safety.
+    unsafe { borrow(rust) }.memory_event(event, start, size, movable) as c_int
+}
+
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe`, not yet released; the pages are being onlined.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_online_pages(rust: *const c_void, pfn: c_ulong, order: c_uint) {
+    // SAFETY: function safety.
+    unsafe { borrow(rust) }.online_pages(pfn as u64, order);
+}
+
+/// Remove: the work is cancelled and will not be queued again.
+///
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe`, not yet released.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_remove(rust: *const c_void) {
+    // SAFETY: function safety.
+    unsafe { borrow(rust) }.remove();
+}
+
+/// Drops the glue's reference: nothing calls back with `rust` any more.
+///
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe` and is not used again.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_release(rust: *const c_void) {
+    // SAFETY: function safety; this is the reference `vmr_rs_probe` made with `into_raw`.
+    drop(unsafe { Arc::<VirtioMem>::from_raw(rust.cast()) });
+}

@@ -1,0 +1,84 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Requests to the device and its responses (include-uapi/linux/virtio_mem.h).
+//!
+//! A response is untrusted: [`Response::parse`] accepts it only if the device wrote at
+//! least the type field, no more than the response buffer, and a known type. Anything else
+//! leaves the device's state unknown.
+//!
+//! Plain `core` Rust: no kernel calls, so the same code can be tested on the host.
+
+/// Request types (`VIRTIO_MEM_REQ_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub(crate) enum RequestType {
+    Plug = 0,
+    Unplug = 1,
+    UnplugAll = 2,
+}
+
+impl RequestType {
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            Self::Plug => "PLUG",
+            Self::Unplug => "UNPLUG",
+            Self::UnplugAll => "UNPLUG_ALL",
+        }
+    }
+}
+
+/// The largest `nb_blocks` of one request (the field is 16 bits wide).
+pub(crate) const MAX_BLOCKS_PER_REQUEST: u64 = u16::MAX as u64;
+
+/// Size of `struct virtio_mem_resp`: what the device may write at most.
+pub(crate) const RESPONSE_SIZE: u32 = 10;
+/// Size of the response's `type` field: what the device must write at least.
+const RESPONSE_TYPE_SIZE: u32 = 2;
+
+/// A valid response (`VIRTIO_MEM_RESP_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Response {
+    /// Done.
+    Ack,
+    /// Refused for now (a plug beyond the requested size).
+    Nack,
+    /// Cannot be done right now; retry later.
+    Busy,
+    /// The request was invalid.
+    Error,
+}
+
+/// Why a response was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BadResponse {
+    /// The used length is outside `2..=10` bytes.
+    Length(u32),
+    /// The type is none of the known ones.
+    Type(u16),
+}
+
+impl Response {
+    /// Checks a raw response: `used_len` bytes written, `raw_type` in them.
+    pub(crate) fn parse(raw_type: u16, used_len: u32) -> Result<Self, BadResponse> {
+        if !(RESPONSE_TYPE_SIZE..=RESPONSE_SIZE).contains(&used_len) {
+            return Err(BadResponse::Length(used_len));
+        }
+        match raw_type {
+            0 => Ok(Self::Ack),
+            1 => Ok(Self::Nack),
+            2 => Ok(Self::Busy),
+            3 => Ok(Self::Error),
+            t => Err(BadResponse::Type(t)),
+        }
+    }
+}
+
+/// Splits a run of `count` subblocks, each `blocks_per_sb` device blocks, into requests of
+/// at most [`MAX_BLOCKS_PER_REQUEST`] device blocks that keep subblocks whole. Yields
+/// (first subblock offset, subblocks) pairs.
+pub(crate) fn split_run(count: usize, blocks_per_sb: u64) -> impl Iterator<Item = (usize, usize)> {
+    let per_request = (MAX_BLOCKS_PER_REQUEST / blocks_per_sb.max(1)).max(1) as usize;
+    (0..count)
+        .step_by(per_request)
+        .map(move |off| (off, per_request.min(count - off)))
+}

@@ -1,0 +1,371 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Sub Block Mode bookkeeping: the state of every memory block of the region and which of
+//! its subblocks are plugged, and the plan of what to plug next.
+//!
+//! The storage is one slice of words handed in by the caller (allocated once at probe):
+//! per memory block, one word of state followed by the subblock bitmap.
+//!
+//! Plain `core` Rust: no kernel calls, so the same code can be tested on the host.
+
+use core::ops::DerefMut;
+
+/// The state of one memory block, as the C driver keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum MbState {
+    /// Nothing plugged, not added to Linux.
+    Unused = 0,
+    /// Some subblocks plugged, not added to Linux (adding failed and so did unplugging).
+    Plugged = 1,
+    /// Fully plugged, added, offline.
+    Offline = 2,
+    /// Partially plugged, added, offline.
+    OfflinePartial = 3,
+    /// Fully plugged, online in a kernel zone.
+    Kernel = 4,
+    /// Partially plugged, online in a kernel zone.
+    KernelPartial = 5,
+    /// Fully plugged, online in ZONE_MOVABLE.
+    Movable = 6,
+    /// Partially plugged, online in ZONE_MOVABLE.
+    MovablePartial = 7,
+}
+
+impl MbState {
+    const fn from_bits(v: u8) -> Self {
+        match v {
+            1 => Self::Plugged,
+            2 => Self::Offline,
+            3 => Self::OfflinePartial,
+            4 => Self::Kernel,
+            5 => Self::KernelPartial,
+            6 => Self::Movable,
+            7 => Self::MovablePartial,
+            _ => Self::Unused,
+        }
+    }
+
+    /// Added to Linux (offline or online).
+    pub(crate) const fn is_added(self) -> bool {
+        !matches!(self, Self::Unused | Self::Plugged)
+    }
+
+    /// Online, in any zone.
+    pub(crate) const fn is_online(self) -> bool {
+        matches!(
+            self,
+            Self::Kernel | Self::KernelPartial | Self::Movable | Self::MovablePartial
+        )
+    }
+
+    /// The same state with every subblock plugged.
+    const fn full(self) -> Self {
+        match self {
+            Self::OfflinePartial => Self::Offline,
+            Self::KernelPartial => Self::Kernel,
+            Self::MovablePartial => Self::Movable,
+            s => s,
+        }
+    }
+
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            Self::Unused => "unused",
+            Self::Plugged => "plugged",
+            Self::Offline => "offline",
+            Self::OfflinePartial => "offline-partial",
+            Self::Kernel => "kernel",
+            Self::KernelPartial => "kernel-partial",
+            Self::Movable => "movable",
+            Self::MovablePartial => "movable-partial",
+        }
+    }
+}
+
+/// Set in a block's state word while core mm onlines or offlines it (from MEM_GOING_ONLINE
+/// or MEM_GOING_OFFLINE to the matching end or cancel event): its subblocks must not
+/// change then.
+const IN_TRANSITION: u64 = 1 << 8;
+
+/// The next thing to plug.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PlugStep {
+    /// Plug subblocks `first .. first + count` of a block already added to Linux.
+    Added {
+        mb: usize,
+        first: usize,
+        count: usize,
+    },
+    /// Plug subblocks `0 .. count` of an unused block, then add it to Linux.
+    New { mb: usize, count: usize },
+}
+
+/// Whether a range of subblocks is plugged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Plugged {
+    All,
+    None,
+    Mixed,
+}
+
+/// The bookkeeping of Sub Block Mode.
+///
+/// # Invariants
+///
+/// `words.len() == nr_mbs * (1 + words_per_mb)`; `sbs_per_mb <= 64 * words_per_mb`.
+pub(crate) struct Sbm<W: DerefMut<Target = [u64]>> {
+    words: W,
+    nr_mbs: usize,
+    sbs_per_mb: usize,
+    words_per_mb: usize,
+    /// Memory blocks `0 .. usable_mbs` lie inside the usable region.
+    usable_mbs: usize,
+}
+
+impl<W: DerefMut<Target = [u64]>> Sbm<W> {
+    /// Words of storage for `nr_mbs` memory blocks of `sbs_per_mb` subblocks each.
+    pub(crate) fn words_needed(nr_mbs: usize, sbs_per_mb: usize) -> Option<usize> {
+        nr_mbs.checked_mul(1 + sbs_per_mb.div_ceil(64))
+    }
+
+    /// Takes zeroed storage of [`Self::words_needed`] words: every block starts unused.
+    pub(crate) fn new(words: W, nr_mbs: usize, sbs_per_mb: usize) -> Option<Self> {
+        let words_per_mb = sbs_per_mb.div_ceil(64);
+        if sbs_per_mb == 0
+            || Some(words.len()) != Self::words_needed(nr_mbs, sbs_per_mb)
+            || words.iter().any(|w| *w != 0)
+        {
+            return None;
+        }
+        // INVARIANT: checked just above.
+        Some(Self {
+            words,
+            nr_mbs,
+            sbs_per_mb,
+            words_per_mb,
+            usable_mbs: 0,
+        })
+    }
+
+    pub(crate) fn nr_mbs(&self) -> usize {
+        self.nr_mbs
+    }
+
+    pub(crate) fn sbs_per_mb(&self) -> usize {
+        self.sbs_per_mb
+    }
+
+    /// The usable region now covers memory blocks `0 .. usable_mbs`.
+    pub(crate) fn set_usable_mbs(&mut self, usable_mbs: usize) {
+        self.usable_mbs = usable_mbs.min(self.nr_mbs);
+    }
+
+    fn base(&self, mb: usize) -> usize {
+        mb * (1 + self.words_per_mb)
+    }
+
+    pub(crate) fn state(&self, mb: usize) -> MbState {
+        MbState::from_bits(self.words[self.base(mb)] as u8)
+    }
+
+    fn set_state(&mut self, mb: usize, state: MbState) {
+        let b = self.base(mb);
+        self.words[b] = (self.words[b] & !0xff) | state as u64;
+    }
+
+    /// Whether core mm is onlining or offlining block `mb` right now.
+    pub(crate) fn in_transition(&self, mb: usize) -> bool {
+        self.words[self.base(mb)] & IN_TRANSITION != 0
+    }
+
+    fn set_in_transition(&mut self, mb: usize, on: bool) {
+        let b = self.base(mb);
+        if on {
+            self.words[b] |= IN_TRANSITION;
+        } else {
+            self.words[b] &= !IN_TRANSITION;
+        }
+    }
+
+    fn bit(&self, mb: usize, sb: usize) -> bool {
+        self.words[self.base(mb) + 1 + sb / 64] & (1 << (sb % 64)) != 0
+    }
+
+    fn set_bits(&mut self, mb: usize, first: usize, count: usize, plugged: bool) {
+        let b = self.base(mb) + 1;
+        for sb in first..first + count {
+            let w = &mut self.words[b + sb / 64];
+            if plugged {
+                *w |= 1 << (sb % 64);
+            } else {
+                *w &= !(1 << (sb % 64));
+            }
+        }
+    }
+
+    /// Whether subblocks `first .. first + count` of block `mb` are plugged.
+    pub(crate) fn plugged(&self, mb: usize, first: usize, count: usize) -> Plugged {
+        let n = (first..first + count).filter(|&sb| self.bit(mb, sb)).count();
+        match n {
+            0 => Plugged::None,
+            n if n == count => Plugged::All,
+            _ => Plugged::Mixed,
+        }
+    }
+
+    /// Runs (first, count) of unplugged subblocks of block `mb`, lowest first.
+    pub(crate) fn unplugged_runs(&self, mb: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let n = self.sbs_per_mb;
+        let mut sb = 0;
+        core::iter::from_fn(move || {
+            while sb < n && self.bit(mb, sb) {
+                sb += 1;
+            }
+            if sb >= n {
+                return None;
+            }
+            let first = sb;
+            while sb < n && !self.bit(mb, sb) {
+                sb += 1;
+            }
+            Some((first, sb - first))
+        })
+    }
+
+    /// Blocks added to Linux but offline (they count against the offline threshold).
+    pub(crate) fn offline_mbs(&self) -> usize {
+        (0..self.nr_mbs)
+            .filter(|&mb| matches!(self.state(mb), MbState::Offline | MbState::OfflinePartial))
+            .count()
+    }
+
+    /// Plans the next plug of at most `nb_sb` subblocks, in the C driver's order: partially
+    /// plugged online blocks, then partially plugged offline ones, then unused blocks of the
+    /// usable region, lowest address first. `None` if there is no room left.
+    pub(crate) fn next_plug(&self, nb_sb: usize) -> Option<PlugStep> {
+        if nb_sb == 0 {
+            return None;
+        }
+        let order = [
+            MbState::KernelPartial,
+            MbState::MovablePartial,
+            MbState::OfflinePartial,
+        ];
+        for want in order {
+            for mb in 0..self.nr_mbs {
+                if self.state(mb) != want || self.in_transition(mb) {
+                    continue;
+                }
+                if let Some((first, count)) = self.unplugged_runs(mb).next() {
+                    return Some(PlugStep::Added {
+                        mb,
+                        first,
+                        count: count.min(nb_sb),
+                    });
+                }
+            }
+        }
+        (0..self.usable_mbs)
+            .find(|&mb| self.state(mb) == MbState::Unused)
+            .map(|mb| PlugStep::New {
+                mb,
+                count: self.sbs_per_mb.min(nb_sb),
+            })
+    }
+
+    /// Subblocks `first .. first + count` of an added block were plugged. Returns whether
+    /// the block is online (the caller then onlines the new subblocks).
+    pub(crate) fn plugged_added(&mut self, mb: usize, first: usize, count: usize) -> bool {
+        self.set_bits(mb, first, count, true);
+        let state = self.state(mb);
+        if self.plugged(mb, 0, self.sbs_per_mb) == Plugged::All {
+            self.set_state(mb, state.full());
+        }
+        state.is_online()
+    }
+
+    /// Subblocks `0 .. count` of an unused block were plugged; it is about to be added.
+    /// Marked offline first, so that the memory notifier finds it ready to online.
+    pub(crate) fn plugged_new(&mut self, mb: usize, count: usize) {
+        self.set_bits(mb, 0, count, true);
+        let full = count == self.sbs_per_mb;
+        self.set_state(
+            mb,
+            if full {
+                MbState::Offline
+            } else {
+                MbState::OfflinePartial
+            },
+        );
+    }
+
+    /// Adding block `mb` failed. Its subblocks were unplugged again if `unplugged`; if
+    /// not, the block stays plugged and not added.
+    pub(crate) fn add_failed(&mut self, mb: usize, unplugged: bool) {
+        if unplugged {
+            self.set_bits(mb, 0, self.sbs_per_mb, false);
+            self.set_state(mb, MbState::Unused);
+        } else {
+            self.set_state(mb, MbState::Plugged);
+        }
+    }
+
+    /// MEM_GOING_ONLINE: only blocks this driver added and that are offline may go online.
+    pub(crate) fn going_online(&mut self, mb: usize) -> Result<(), MbState> {
+        match self.state(mb) {
+            MbState::Offline | MbState::OfflinePartial => {
+                self.set_in_transition(mb, true);
+                Ok(())
+            }
+            s => Err(s),
+        }
+    }
+
+    /// MEM_ONLINE, in ZONE_MOVABLE or not.
+    pub(crate) fn online(&mut self, mb: usize, movable: bool) -> Result<(), MbState> {
+        self.set_in_transition(mb, false);
+        let new = match (self.state(mb), movable) {
+            (MbState::Offline, false) => MbState::Kernel,
+            (MbState::Offline, true) => MbState::Movable,
+            (MbState::OfflinePartial, false) => MbState::KernelPartial,
+            (MbState::OfflinePartial, true) => MbState::MovablePartial,
+            (s, _) => return Err(s),
+        };
+        self.set_state(mb, new);
+        Ok(())
+    }
+
+    /// MEM_CANCEL_ONLINE.
+    pub(crate) fn cancel_online(&mut self, mb: usize) {
+        self.set_in_transition(mb, false);
+    }
+
+    /// MEM_GOING_OFFLINE: only online blocks go offline.
+    pub(crate) fn going_offline(&mut self, mb: usize) -> Result<(), MbState> {
+        match self.state(mb) {
+            s if s.is_online() => {
+                self.set_in_transition(mb, true);
+                Ok(())
+            }
+            s => Err(s),
+        }
+    }
+
+    /// MEM_CANCEL_OFFLINE.
+    pub(crate) fn cancel_offline(&mut self, mb: usize) {
+        self.set_in_transition(mb, false);
+    }
+
+    /// MEM_OFFLINE.
+    pub(crate) fn offline(&mut self, mb: usize) -> Result<(), MbState> {
+        self.set_in_transition(mb, false);
+        let new = match self.state(mb) {
+            MbState::Kernel | MbState::Movable => MbState::Offline,
+            MbState::KernelPartial | MbState::MovablePartial => MbState::OfflinePartial,
+            s => return Err(s),
+        };
+        self.set_state(mb, new);
+        Ok(())
+    }
+}

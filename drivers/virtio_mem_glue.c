@@ -1,0 +1,578 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * C glue of virtio_mem_rust: only what Rust cannot reach in Linux 7.2.
+ *
+ * - the virtio driver (device and feature tables, probe/remove/config_changed, the
+ *   virtqueue and the wait for a response, virtio_cread_le for the config);
+ * - kernel callbacks that need a C object: the memory notifier, the global online page
+ *   callback and its device list, the work item and its cancellation;
+ * - page flag helpers (inline functions) and a few constants (macros).
+ *
+ * The ABI towards Rust is opaque pointers and scalars, declared once on the Rust side in
+ * glue.rs. All logic (validation, state, planning) lives in Rust.
+ *
+ * Lifetime: a struct vmr_glue lives from probe to remove. Its `rust` pointer is the
+ * driver's state, handed over by vmr_rs_probe() and given back with vmr_rs_release() once
+ * nothing can call into it any more.
+ */
+#include <linux/device.h>
+#include <linux/ioport.h>
+#include <linux/jiffies.h>
+#include <linux/memory.h>
+#include <linux/memory_hotplug.h>
+#include <linux/mm.h>
+#include <linux/module.h>
+#include <linux/mutex.h>
+#include <linux/numa.h>
+#include <linux/page-flags.h>
+#include <linux/rculist.h>
+#include <linux/scatterlist.h>
+#include <linux/slab.h>
+#include <linux/virtio.h>
+#include <linux/virtio_config.h>
+#include <linux/wait.h>
+#include <linux/workqueue.h>
+#include <acpi/acpi_numa.h>
+
+#include "../include-uapi/linux/virtio_mem.h"
+
+struct vmr_glue {
+	struct virtio_device *vdev;
+	struct virtqueue *vq;
+	wait_queue_head_t host_resp;
+	/* Device-readable and device-writable buffers: never on the stack. */
+	struct virtio_mem_req req;
+	struct virtio_mem_resp resp;
+	/* A request whose buffers the device still owns (timed out): never reuse them. */
+	bool request_lost;
+
+	struct delayed_work work;
+	/* Set under removal_lock before cancelling the work: nothing queues it any more. */
+	spinlock_t removal_lock;
+	bool removing;
+
+	struct notifier_block memory_notifier;
+	bool notifier_registered;
+	struct resource *parent_resource;
+	int mgid;
+	bool on_device_list;
+	u64 addr, size;
+	struct list_head next;
+
+	void *rust;
+};
+
+/* Rust side (glue.rs). */
+int vmr_rs_probe(struct vmr_glue *glue, struct device *dev, void **rust);
+void vmr_rs_remove(void *rust);
+void vmr_rs_release(void *rust);
+void vmr_rs_config_changed(void *rust);
+void vmr_rs_work(void *rust);
+int vmr_rs_memory_event(void *rust, unsigned int event, u64 start, u64 size, bool movable);
+
+/* Memory notifier events and answers as the Rust side sees them (glue.rs mirrors these). */
+enum vmr_mem_event {
+	VMR_GOING_ONLINE, VMR_ONLINE, VMR_CANCEL_ONLINE,
+	VMR_GOING_OFFLINE, VMR_OFFLINE, VMR_CANCEL_OFFLINE,
+};
+enum vmr_mem_answer { VMR_NOTIFY_OK, VMR_NOTIFY_BAD, VMR_NOTIFY_DONE };
+void vmr_rs_online_pages(void *rust, unsigned long pfn, unsigned int order);
+
+/* ---- device list and the online page callback --------------------------------------- */
+
+static DEFINE_MUTEX(vmr_devices_mutex);
+static LIST_HEAD(vmr_devices);
+
+static void vmr_online_page_cb(struct page *page, unsigned int order)
+{
+	const u64 start = page_to_phys(page);
+	const u64 size = PFN_PHYS(1UL << order);
+	struct vmr_glue *glue;
+
+	rcu_read_lock();
+	list_for_each_entry_rcu(glue, &vmr_devices, next) {
+		if (start < glue->addr || start + size > glue->addr + glue->size)
+			continue;
+		/*
+		 * The Rust side may sleep: leave the RCU section first. The device cannot go
+		 * away while its memory is being onlined: remove() unlinks it and restores the
+		 * callback (which waits for onlining to finish) before freeing it.
+		 */
+		rcu_read_unlock();
+		vmr_rs_online_pages(glue->rust, page_to_pfn(page), order);
+		return;
+	}
+	rcu_read_unlock();
+	/* Not ours (a DIMM, another driver): online it. */
+	generic_online_page(page, order);
+}
+
+static int vmr_memory_notifier_cb(struct notifier_block *nb, unsigned long action, void *arg)
+{
+	struct vmr_glue *glue = container_of(nb, struct vmr_glue, memory_notifier);
+	const struct memory_notify *mhp = arg;
+	const u64 start = PFN_PHYS(mhp->start_pfn);
+	const u64 size = PFN_PHYS(mhp->nr_pages);
+	bool movable = false;
+	unsigned int event;
+
+	if (start + size <= glue->addr || start >= glue->addr + glue->size)
+		return NOTIFY_DONE;
+	switch (action) {
+	case MEM_GOING_ONLINE: event = VMR_GOING_ONLINE; break;
+	case MEM_ONLINE: event = VMR_ONLINE; break;
+	case MEM_CANCEL_ONLINE: event = VMR_CANCEL_ONLINE; break;
+	case MEM_GOING_OFFLINE: event = VMR_GOING_OFFLINE; break;
+	case MEM_OFFLINE: event = VMR_OFFLINE; break;
+	case MEM_CANCEL_OFFLINE: event = VMR_CANCEL_OFFLINE; break;
+	default: return NOTIFY_DONE;
+	}
+	if (event == VMR_ONLINE)
+		movable = is_zone_movable_page(pfn_to_page(mhp->start_pfn));
+	switch (vmr_rs_memory_event(glue->rust, event, start, size, movable)) {
+	case VMR_NOTIFY_OK: return NOTIFY_OK;
+	case VMR_NOTIFY_DONE: return NOTIFY_DONE;
+	default: return NOTIFY_BAD;
+	}
+}
+
+/* ---- called from Rust ------------------------------------------------------------------ */
+
+/* Config space, read with virtio_cread_le (the whole struct, field by field). */
+struct vmr_raw_config {
+	u64 block_size;
+	u64 addr;
+	u64 region_size;
+	u64 usable_region_size;
+	u64 plugged_size;
+	u64 requested_size;
+	u16 node_id;
+};
+
+void vmr_glue_read_config(struct vmr_glue *glue, struct vmr_raw_config *cfg)
+{
+	struct virtio_device *vdev = glue->vdev;
+
+	virtio_cread_le(vdev, struct virtio_mem_config, block_size, &cfg->block_size);
+	virtio_cread_le(vdev, struct virtio_mem_config, node_id, &cfg->node_id);
+	virtio_cread_le(vdev, struct virtio_mem_config, addr, &cfg->addr);
+	virtio_cread_le(vdev, struct virtio_mem_config, region_size, &cfg->region_size);
+	virtio_cread_le(vdev, struct virtio_mem_config, usable_region_size,
+			&cfg->usable_region_size);
+	virtio_cread_le(vdev, struct virtio_mem_config, plugged_size, &cfg->plugged_size);
+	virtio_cread_le(vdev, struct virtio_mem_config, requested_size, &cfg->requested_size);
+}
+
+bool vmr_glue_has_feature(struct vmr_glue *glue, unsigned int fbit)
+{
+	return virtio_has_feature(glue->vdev, fbit);
+}
+
+/*
+ * Sends one request and waits at most timeout_ms for the answer. The response buffer is
+ * poisoned first, so a field the device did not write reads as an invalid value. Returns
+ * 0 with the raw response and the used length, -ETIMEDOUT (the buffers stay the device's:
+ * every later request fails with -EIO), -ENODEV while removing, or the virtqueue's error.
+ */
+int vmr_glue_request(struct vmr_glue *glue, u16 type, u64 addr, u16 nb_blocks,
+		     unsigned int timeout_ms, u16 *resp_type, u16 *resp_state, u32 *used_len)
+{
+	struct scatterlist *sgs[2], sg_req, sg_resp;
+	struct virtio_device *vdev = glue->vdev;
+	unsigned int len = 0;
+	long left;
+	int rc;
+
+	if (glue->request_lost)
+		return -EIO;
+
+	memset(&glue->req, 0, sizeof(glue->req));
+	glue->req.type = cpu_to_virtio16(vdev, type);
+	glue->req.u.plug.addr = cpu_to_virtio64(vdev, addr);
+	glue->req.u.plug.nb_blocks = cpu_to_virtio16(vdev, nb_blocks);
+	memset(&glue->resp, 0xff, sizeof(glue->resp));
+
+	sg_init_one(&sg_req, &glue->req, sizeof(glue->req));
+	sgs[0] = &sg_req;
+	sg_init_one(&sg_resp, &glue->resp, sizeof(glue->resp));
+	sgs[1] = &sg_resp;
+
+	rc = virtqueue_add_sgs(glue->vq, sgs, 1, 1, glue, GFP_KERNEL);
+	if (rc < 0)
+		return rc;
+	virtqueue_kick(glue->vq);
+
+	left = wait_event_timeout(glue->host_resp,
+				  virtqueue_get_buf(glue->vq, &len) || READ_ONCE(glue->removing),
+				  msecs_to_jiffies(timeout_ms));
+	if (!left) {
+		/* One last look: the answer may have come with the timeout. */
+		if (!virtqueue_get_buf(glue->vq, &len)) {
+			glue->request_lost = true;
+			return -ETIMEDOUT;
+		}
+	} else if (!len && READ_ONCE(glue->removing)) {
+		glue->request_lost = true;
+		return -ENODEV;
+	}
+
+	*resp_type = virtio16_to_cpu(vdev, glue->resp.type);
+	*resp_state = virtio16_to_cpu(vdev, glue->resp.u.state.state);
+	*used_len = len;
+	return 0;
+}
+
+/* Queues the worker after delay_ms, unless the device is going away. */
+void vmr_glue_queue_work(struct vmr_glue *glue, unsigned int delay_ms)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&glue->removal_lock, flags);
+	if (!glue->removing)
+		mod_delayed_work(system_freezable_wq, &glue->work, msecs_to_jiffies(delay_ms));
+	spin_unlock_irqrestore(&glue->removal_lock, flags);
+}
+
+u64 vmr_glue_memory_block_size(void)
+{
+	return memory_block_size_bytes();
+}
+
+u64 vmr_glue_pageblock_size(void)
+{
+	return PAGE_SIZE * pageblock_nr_pages;
+}
+
+u64 vmr_glue_page_size(void)
+{
+	return PAGE_SIZE;
+}
+
+unsigned int vmr_glue_max_page_order(void)
+{
+	return MAX_PAGE_ORDER;
+}
+
+void vmr_glue_pluggable_range(u64 *start, u64 *end)
+{
+	const struct range r = mhp_get_pluggable_range(true);
+
+	*start = r.start;
+	*end = r.end;
+}
+
+/* The node of the device's memory: from the ACPI PXM if the device gives one, else the address. */
+int vmr_glue_node(struct vmr_glue *glue, u16 node_id, u64 addr)
+{
+	int nid = NUMA_NO_NODE;
+
+#if defined(CONFIG_NUMA) && defined(CONFIG_ACPI_NUMA)
+	if (virtio_has_feature(glue->vdev, VIRTIO_MEM_F_ACPI_PXM))
+		nid = pxm_to_node(node_id);
+#endif
+	if (nid == NUMA_NO_NODE)
+		nid = memory_add_physaddr_to_nid(addr);
+	return nid;
+}
+
+/*
+ * Takes the device's region for Linux: the parent resource (named after the device,
+ * system RAM, exclusive, not busy), the dynamic memory group, the memory notifier and the
+ * online page callback. Returns 0 or a negative errno; undone by vmr_glue_hotplug_exit().
+ */
+int vmr_glue_hotplug_init(struct vmr_glue *glue, u64 addr, u64 size, int nid, u64 unit_bytes)
+{
+	const char *name;
+	int rc;
+
+	name = kstrdup(dev_name(&glue->vdev->dev), GFP_KERNEL);
+	if (!name)
+		return -ENOMEM;
+	glue->parent_resource = __request_mem_region(addr, size, name,
+						     IORESOURCE_SYSTEM_RAM | IORESOURCE_EXCLUSIVE);
+	if (!glue->parent_resource) {
+		kfree(name);
+		return -EBUSY;
+	}
+	/* Not actually busy: add_memory() adds its children. /dev/mem stays excluded. */
+	glue->parent_resource->flags &= ~IORESOURCE_BUSY;
+	glue->addr = addr;
+	glue->size = size;
+
+	rc = memory_group_register_dynamic(nid, PHYS_PFN(unit_bytes));
+	if (rc < 0)
+		goto out_resource;
+	glue->mgid = rc;
+
+	glue->memory_notifier.notifier_call = vmr_memory_notifier_cb;
+	rc = register_memory_notifier(&glue->memory_notifier);
+	if (rc)
+		goto out_group;
+	glue->notifier_registered = true;
+
+	mutex_lock(&vmr_devices_mutex);
+	if (list_empty(&vmr_devices))
+		rc = set_online_page_callback(&vmr_online_page_cb);
+	if (!rc) {
+		list_add_rcu(&glue->next, &vmr_devices);
+		glue->on_device_list = true;
+	}
+	mutex_unlock(&vmr_devices_mutex);
+	if (rc)
+		goto out_notifier;
+	return glue->mgid;
+
+out_notifier:
+	unregister_memory_notifier(&glue->memory_notifier);
+	glue->notifier_registered = false;
+out_group:
+	memory_group_unregister(glue->mgid);
+out_resource:
+	name = glue->parent_resource->name;
+	release_resource(glue->parent_resource);
+	kfree(glue->parent_resource);
+	kfree(name);
+	glue->parent_resource = NULL;
+	return rc;
+}
+
+static int vmr_has_system_ram(struct resource *res, void *arg)
+{
+	return 1;
+}
+
+/*
+ * Gives the region back. Memory still added (online memory cannot always be removed)
+ * keeps the resource and the group, with a warning, as the C driver does.
+ */
+void vmr_glue_hotplug_exit(struct vmr_glue *glue)
+{
+	const char *name;
+
+	if (glue->on_device_list) {
+		mutex_lock(&vmr_devices_mutex);
+		list_del_rcu(&glue->next);
+		if (list_empty(&vmr_devices))
+			restore_online_page_callback(&vmr_online_page_cb);
+		mutex_unlock(&vmr_devices_mutex);
+		synchronize_rcu();
+		glue->on_device_list = false;
+	}
+	if (glue->notifier_registered) {
+		unregister_memory_notifier(&glue->memory_notifier);
+		glue->notifier_registered = false;
+	}
+	if (!glue->parent_resource)
+		return;
+	if (walk_iomem_res_desc(IORES_DESC_NONE, IORESOURCE_SYSTEM_RAM | IORESOURCE_BUSY,
+				glue->addr, glue->addr + glue->size - 1, NULL,
+				vmr_has_system_ram) == 1) {
+		dev_warn(&glue->vdev->dev, "device still has system memory added\n");
+		return;
+	}
+	memory_group_unregister(glue->mgid);
+	name = glue->parent_resource->name;
+	release_resource(glue->parent_resource);
+	kfree(glue->parent_resource);
+	kfree(name);
+	glue->parent_resource = NULL;
+}
+
+int vmr_glue_add_memory(struct vmr_glue *glue, u64 addr, u64 size)
+{
+	return add_memory_driver_managed(glue->mgid, addr, size, "System RAM (virtio_mem)",
+					 MHP_MERGE_RESOURCE | MHP_NID_IS_MGID);
+}
+
+/* Plugged pages that core mm is onlining go to the buddy. */
+void vmr_glue_online_pages(unsigned long pfn, unsigned int order)
+{
+	generic_online_page(pfn_to_page(pfn), order);
+}
+
+/*
+ * Pages of a memory block being onlined start PageOffline. Those of unplugged subblocks
+ * stay so; PageDirty remembers that they never went through generic_online_page().
+ */
+void vmr_glue_keep_fake_offline(unsigned long pfn, unsigned long nr_pages)
+{
+	page_offline_begin();
+	for (; nr_pages--; pfn++) {
+		struct page *page = pfn_to_page(pfn);
+
+		SetPageDirty(page);
+		VM_WARN_ON_ONCE(!PageOffline(page));
+	}
+	page_offline_end();
+}
+
+/* Gives fake-offline pages (now plugged) to the buddy. */
+void vmr_glue_fake_online(unsigned long pfn, unsigned long nr_pages)
+{
+	unsigned int order = MAX_PAGE_ORDER;
+	unsigned long i, j;
+
+	while (!IS_ALIGNED(pfn | nr_pages, 1UL << order))
+		order--;
+
+	for (i = 0; i < nr_pages; i += 1UL << order) {
+		struct page *page = pfn_to_page(pfn + i);
+
+		if (PageDirty(page)) {
+			/* Never onlined: generic_online_page() clears PageOffline. */
+			for (j = 0; j < 1UL << order; j++)
+				ClearPageDirty(pfn_to_page(pfn + i + j));
+			generic_online_page(page, order);
+		} else {
+			for (j = 0; j < 1UL << order; j++)
+				__ClearPageOffline(pfn_to_page(pfn + i + j));
+			free_contig_range(pfn + i, 1UL << order);
+			adjust_managed_page_count(page, 1L << order);
+		}
+	}
+}
+
+/* Memory with fake-offline pages goes offline: drop our references so mm can skip them. */
+void vmr_glue_going_offline(unsigned long pfn, unsigned long nr_pages)
+{
+	for (; nr_pages--; pfn++) {
+		struct page *page = pfn_to_page(pfn);
+
+		if (WARN_ON(!page_ref_dec_and_test(page)))
+			dump_page(page, "fake-offline page referenced");
+	}
+}
+
+/* Offlining was cancelled: take the references back. */
+void vmr_glue_cancel_offline(unsigned long pfn, unsigned long nr_pages)
+{
+	for (; nr_pages--; pfn++)
+		page_ref_inc(pfn_to_page(pfn));
+}
+
+/* ---- the virtio driver ----------------------------------------------------------------- */
+
+static void vmr_vq_done(struct virtqueue *vq)
+{
+	struct vmr_glue *glue = vq->vdev->priv;
+
+	wake_up(&glue->host_resp);
+}
+
+static void vmr_work_fn(struct work_struct *work)
+{
+	struct vmr_glue *glue = container_of(to_delayed_work(work), struct vmr_glue, work);
+
+	vmr_rs_work(glue->rust);
+}
+
+static int vmr_probe(struct virtio_device *vdev)
+{
+	struct vmr_glue *glue;
+	int rc;
+
+	BUILD_BUG_ON(sizeof(struct virtio_mem_req) != 24);
+	BUILD_BUG_ON(sizeof(struct virtio_mem_resp) != 10);
+
+	if (!vdev->config->get) {
+		dev_err(&vdev->dev, "config access disabled\n");
+		return -EINVAL;
+	}
+	glue = kzalloc(sizeof(*glue), GFP_KERNEL);
+	if (!glue)
+		return -ENOMEM;
+	glue->vdev = vdev;
+	glue->mgid = -1;
+	init_waitqueue_head(&glue->host_resp);
+	INIT_DELAYED_WORK(&glue->work, vmr_work_fn);
+	spin_lock_init(&glue->removal_lock);
+	INIT_LIST_HEAD(&glue->next);
+	vdev->priv = glue;
+
+	glue->vq = virtio_find_single_vq(vdev, vmr_vq_done, "guest-request");
+	if (IS_ERR(glue->vq)) {
+		rc = PTR_ERR(glue->vq);
+		goto out_free;
+	}
+
+	rc = vmr_rs_probe(glue, &vdev->dev, &glue->rust);
+	if (rc)
+		goto out_reset;
+
+	virtio_device_ready(vdev);
+	vmr_glue_queue_work(glue, 0);
+	return 0;
+
+out_reset:
+	/* The device may have seen requests: reset it before dropping the queues. */
+	virtio_reset_device(vdev);
+	vdev->config->del_vqs(vdev);
+out_free:
+	kfree(glue);
+	vdev->priv = NULL;
+	return rc;
+}
+
+static void vmr_remove(struct virtio_device *vdev)
+{
+	struct vmr_glue *glue = vdev->priv;
+
+	spin_lock_irq(&glue->removal_lock);
+	glue->removing = true;
+	spin_unlock_irq(&glue->removal_lock);
+	/* A worker waiting for the device wakes up and gives up. */
+	wake_up(&glue->host_resp);
+	cancel_delayed_work_sync(&glue->work);
+
+	vmr_rs_remove(glue->rust);
+	vmr_glue_hotplug_exit(glue);
+
+	virtio_reset_device(vdev);
+	vdev->config->del_vqs(vdev);
+	vmr_rs_release(glue->rust);
+	kfree(glue);
+	vdev->priv = NULL;
+}
+
+static void vmr_config_changed(struct virtio_device *vdev)
+{
+	struct vmr_glue *glue = vdev->priv;
+
+	/* May run in interrupt context: note it and queue the work, nothing else. */
+	vmr_rs_config_changed(glue->rust);
+	vmr_glue_queue_work(glue, 0);
+}
+
+static unsigned int vmr_features[] = {
+#if defined(CONFIG_NUMA) && defined(CONFIG_ACPI_NUMA)
+	VIRTIO_MEM_F_ACPI_PXM,
+#endif
+	VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+};
+
+static const struct virtio_device_id vmr_id_table[] = {
+	{ VIRTIO_ID_MEM, VIRTIO_DEV_ANY_ID },
+	{ 0 },
+};
+MODULE_DEVICE_TABLE(virtio, vmr_id_table);
+
+static struct virtio_driver vmr_driver = {
+	.feature_table = vmr_features,
+	.feature_table_size = ARRAY_SIZE(vmr_features),
+	.driver.name = KBUILD_MODNAME,
+	.id_table = vmr_id_table,
+	.probe = vmr_probe,
+	.remove = vmr_remove,
+	.config_changed = vmr_config_changed,
+};
+
+/* Called by the Rust module's init and exit. */
+int vmr_glue_register_driver(void)
+{
+	return register_virtio_driver(&vmr_driver);
+}
+
+void vmr_glue_unregister_driver(void)
+{
+	unregister_virtio_driver(&vmr_driver);
+}

@@ -1,0 +1,44 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! virtio_mem_rust: a driver for virtio-mem paravirtualized memory devices.
+//!
+//! The hypervisor resizes the guest's memory by changing the device's requested size; the
+//! driver follows by plugging device blocks and adding them to Linux. The crate root only
+//! wires the pieces together:
+//!
+//! - [`config`]: the device's configuration, validated;
+//! - [`protocol`]: requests and responses;
+//! - [`sbm`]: Sub Block Mode bookkeeping and plug planning;
+//! - [`device`]: one device: the worker, the memory notifier, the online page callback;
+//! - [`glue`]: the only place that calls C (`virtio_mem_glue.c`).
+
+use kernel::prelude::*;
+
+mod config;
+mod device;
+mod glue;
+mod protocol;
+mod sbm;
+
+module! {
+    type: VirtioMemModule,
+    name: "virtio_mem_rust",
+    authors: ["The virtio_mem_rust developers"],
+    description: "Virtio-mem driver (Rust)",
+    license: "GPL",
+}
+
+struct VirtioMemModule;
+
+impl kernel::Module for VirtioMemModule {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        glue::register_driver()?;
+        Ok(Self)
+    }
+}
+
+impl Drop for VirtioMemModule {
+    fn drop(&mut self) {
+        glue::unregister_driver();
+    }
+}

@@ -1,0 +1,37 @@
+# SPDX-License-Identifier: GPL-2.0
+# Shared settings of the vm-scripts: pinned versions, the cache and the build outputs.
+# Sourced, never run.
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Everything downloaded or built outside the clone lives here and is reused when present.
+CACHE=${VMR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/virtio-mem-rust}
+BUILD=$REPO/build
+
+# Pinned versions. A Debian pin that has left the archive falls back to the newest
+# version of the same series, with a warning (see pick_version).
+LINUX_SERIES=7.2
+LINUX_PIN=7.2.12-1~bpo13+1
+QEMU_PIN=1:10.0.2+ds-2+deb13u1~bpo12+1
+QEMU_SERIES='1:10\.0\.'
+RUST_SRC_SUFFIX=+dfsg1-2~bpo13+1
+BINDGEN_PIN=0.73.2
+LIBCLANG_PIN=18.1.1
+QEMU_QMP_PIN=0.0.6
+PYTEST_PIN=8.3.5
+
+KSRC=$CACHE/linux-$LINUX_SERIES
+KBUILD_RUST=$CACHE/kbuild-rust
+KBUILD_UPSTREAM=$CACHE/kbuild-upstream
+VENV=$CACHE/venv
+JOBS=${JOBS:-$(( $(nproc) + 1 ))}
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+warn() { printf 'WARNING: %s\n' "$*" >&2; }
+die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
+
+# The environment the kernel's Rust support needs (see make rustavailable).
+rust_env() {
+	export RUST_LIB_SRC=$CACHE/rust-src/usr/lib/rustlib/src/rust/library
+	export LIBCLANG_PATH=$CACHE/libclang/libclang-$LIBCLANG_PIN.data/platlib/clang/native
+	export PATH=$CACHE/cargo/bin:$HOME/.cargo/bin:$PATH
+}
