@@ -83,6 +83,9 @@ pub(crate) struct Geometry {
     pub(crate) device_block_size: u64,
     pub(crate) subblock_size: u64,
     pub(crate) memory_block_size: u64,
+    /// log2 of `memory_block_size` and `subblock_size`: divisions become shifts.
+    mb_shift: u32,
+    sb_shift: u32,
     pub(crate) mode: ModeKind,
     /// Id (physical address / memory block size) of the first memory block in the region.
     pub(crate) first_mb: u64,
@@ -101,14 +104,15 @@ impl Geometry {
                 "is not a non-zero power of two",
             ));
         }
-        if raw.addr % bs != 0 {
+        let bs_mask = bs - 1;
+        if raw.addr & bs_mask != 0 {
             return Err(ConfigError::new(
                 "addr",
                 raw.addr,
                 "is not aligned to block_size",
             ));
         }
-        if raw.region_size == 0 || raw.region_size % bs != 0 {
+        if raw.region_size == 0 || raw.region_size & bs_mask != 0 {
             return Err(ConfigError::new(
                 "region_size",
                 raw.region_size,
@@ -134,7 +138,7 @@ impl Geometry {
                 "makes the region end beyond the pluggable physical range",
             ));
         }
-        if raw.usable_region_size > raw.region_size || raw.usable_region_size % bs != 0 {
+        if raw.usable_region_size > raw.region_size || raw.usable_region_size & bs_mask != 0 {
             return Err(ConfigError::new(
                 "usable_region_size",
                 raw.usable_region_size,
@@ -143,6 +147,14 @@ impl Geometry {
         }
 
         let mb = limits.memory_block_size;
+        if !mb.is_power_of_two() || !limits.pageblock_size.is_power_of_two() {
+            return Err(ConfigError::new(
+                "block_size",
+                bs,
+                "cannot be used: the kernel's memory block or pageblock size is not a power of two",
+            ));
+        }
+        let mb_shift = mb.trailing_zeros();
         let subblock_size = bs.max(limits.pageblock_size);
         if subblock_size >= mb {
             return Err(ConfigError::new(
@@ -152,7 +164,8 @@ impl Geometry {
                  which this driver does not support yet",
             ));
         }
-        if subblock_size / bs > u64::from(u16::MAX) {
+        let sb_shift = subblock_size.trailing_zeros();
+        if (subblock_size >> bs.trailing_zeros()) > u64::from(u16::MAX) {
             return Err(ConfigError::new(
                 "block_size",
                 bs,
@@ -160,8 +173,9 @@ impl Geometry {
             ));
         }
         // Only memory blocks fully inside the region can be added.
-        let first_mb = raw.addr.div_ceil(mb);
-        let end_mb = end / mb;
+        // `raw.addr + mb - 1` cannot overflow: `end` did not and `end >= raw.addr + bs`.
+        let first_mb = raw.addr.saturating_add(mb - 1) >> mb_shift;
+        let end_mb = end >> mb_shift;
         if end_mb <= first_mb {
             return Err(ConfigError::new(
                 "region_size",
@@ -175,6 +189,8 @@ impl Geometry {
             device_block_size: bs,
             subblock_size,
             memory_block_size: mb,
+            mb_shift,
+            sb_shift,
             mode: ModeKind::Sbm,
             first_mb,
             nr_mbs: end_mb - first_mb,
@@ -183,30 +199,34 @@ impl Geometry {
 
     /// Subblocks in one memory block (at least two).
     pub(crate) const fn sbs_per_mb(&self) -> u64 {
-        self.memory_block_size / self.subblock_size
+        1 << (self.mb_shift - self.sb_shift)
     }
 
     /// Device blocks in one subblock.
     pub(crate) const fn blocks_per_sb(&self) -> u64 {
-        self.subblock_size / self.device_block_size
+        self.subblock_size >> self.device_block_size.trailing_zeros()
+    }
+
+    /// log2 of the subblock size.
+    pub(crate) const fn sb_shift(&self) -> u32 {
+        self.sb_shift
     }
 
     /// Physical address of memory block `index` (0-based inside the region).
     pub(crate) const fn mb_addr(&self, index: usize) -> u64 {
-        (self.first_mb + index as u64) * self.memory_block_size
+        (self.first_mb + index as u64) << self.mb_shift
     }
 
     /// Physical address of subblock `sb` of memory block `index`.
     pub(crate) const fn sb_addr(&self, index: usize, sb: usize) -> u64 {
-        self.mb_addr(index) + sb as u64 * self.subblock_size
+        self.mb_addr(index) + ((sb as u64) << self.sb_shift)
     }
 
     /// The memory block (0-based inside the region) that holds `[start, start + size)`,
     /// if that range lies inside one of the region's memory blocks.
     pub(crate) fn mb_of(&self, start: u64, size: u64) -> Option<usize> {
-        let mb = self.memory_block_size;
-        let id = start / mb;
-        let last = start.checked_add(size)?.checked_sub(1)? / mb;
+        let id = start >> self.mb_shift;
+        let last = start.checked_add(size)?.checked_sub(1)? >> self.mb_shift;
         if size == 0 || id != last || id < self.first_mb || id - self.first_mb >= self.nr_mbs {
             return None;
         }
@@ -215,7 +235,7 @@ impl Geometry {
 
     /// The memory block whose whole range is exactly `[start, start + size)`.
     pub(crate) fn mb_exactly(&self, start: u64, size: u64) -> Option<usize> {
-        if size != self.memory_block_size || start % self.memory_block_size != 0 {
+        if size != self.memory_block_size || start & (self.memory_block_size - 1) != 0 {
             return None;
         }
         self.mb_of(start, size)
@@ -224,15 +244,15 @@ impl Geometry {
     /// Subblocks (first, count) of memory block `index` covered by `[start, start + size)`.
     pub(crate) fn sb_span(&self, index: usize, start: u64, size: u64) -> (usize, usize) {
         let base = self.mb_addr(index);
-        let first = (start - base) / self.subblock_size;
-        let last = (start + size - 1 - base) / self.subblock_size;
+        let first = (start - base) >> self.sb_shift;
+        let last = (start + size - 1 - base) >> self.sb_shift;
         (first as usize, (last - first + 1) as usize)
     }
 
     /// Memory blocks fully inside the first `usable` bytes of the region.
     pub(crate) fn usable_mbs(&self, usable: u64) -> usize {
         // `addr + usable <= addr + region_size` does not overflow (invariant).
-        let end_mb = (self.addr + usable) / self.memory_block_size;
+        let end_mb = (self.addr + usable) >> self.mb_shift;
         end_mb.saturating_sub(self.first_mb).min(self.nr_mbs) as usize
     }
 }
@@ -249,6 +269,7 @@ impl Sizes {
     /// Validates the changing fields of `raw` against the geometry.
     pub(crate) fn new(raw: &RawConfig, geo: &Geometry) -> Result<Self, ConfigError> {
         let bs = geo.device_block_size;
+        let bs_mask = bs - 1;
         if raw.block_size != bs {
             return Err(ConfigError::new(
                 "block_size",
@@ -263,21 +284,21 @@ impl Sizes {
                 "or region_size changed while the device runs",
             ));
         }
-        if raw.usable_region_size > geo.region_size || raw.usable_region_size % bs != 0 {
+        if raw.usable_region_size > geo.region_size || raw.usable_region_size & bs_mask != 0 {
             return Err(ConfigError::new(
                 "usable_region_size",
                 raw.usable_region_size,
                 "is larger than region_size or not a multiple of block_size",
             ));
         }
-        if raw.plugged_size > geo.region_size || raw.plugged_size % bs != 0 {
+        if raw.plugged_size > geo.region_size || raw.plugged_size & bs_mask != 0 {
             return Err(ConfigError::new(
                 "plugged_size",
                 raw.plugged_size,
                 "is larger than region_size or not a multiple of block_size",
             ));
         }
-        if raw.requested_size > raw.usable_region_size || raw.requested_size % bs != 0 {
+        if raw.requested_size > raw.usable_region_size || raw.requested_size & bs_mask != 0 {
             return Err(ConfigError::new(
                 "requested_size",
                 raw.requested_size,

@@ -24,7 +24,7 @@ use kernel::{
     new_mutex,
     prelude::*,
     sync::{Arc, Mutex, MutexGuard},
-    types::ARef,
+    sync::aref::ARef,
 };
 
 /// How long the worker waits for the device to answer one request.
@@ -99,7 +99,8 @@ pub(crate) struct VirtioMem {
     dev: ARef<Device>,
     glue: Glue,
     geo: Geometry,
-    page_size: u64,
+    /// log2 of the page size.
+    page_shift: u32,
     nid: i32,
     offline_threshold_mbs: usize,
     /// Set by the config change callback (any context), consumed by the worker.
@@ -167,14 +168,17 @@ impl VirtioMem {
             );
         }
         let offline_threshold_mbs =
-            (OFFLINE_THRESHOLD / geo.memory_block_size).max(2) as usize;
+            (OFFLINE_THRESHOLD >> geo.memory_block_size.trailing_zeros()).max(2) as usize;
+        if !mm.page_size.is_power_of_two() || mm.page_size > geo.subblock_size {
+            return Err(EINVAL);
+        }
 
         Arc::pin_init(
             try_pin_init!(Self {
                 dev,
                 glue,
                 geo,
-                page_size: mm.page_size,
+                page_shift: mm.page_size.trailing_zeros(),
                 nid,
                 offline_threshold_mbs,
                 config_changed: AtomicBool::new(true),
@@ -264,7 +268,8 @@ impl VirtioMem {
             return;
         }
 
-        let (mut g, result) = self.plug(g, requested - g.plugged);
+        let diff = requested - g.plugged;
+        let (mut g, result) = self.plug(g, diff);
         match result {
             Ok(()) => {
                 g.retry_ms = RETRY_MIN_MS;
@@ -464,7 +469,7 @@ impl VirtioMem {
         let sb_size = self.geo.subblock_size;
         let target = g.plugged + diff;
         loop {
-            let nb_sb = ((target - g.plugged) / sb_size) as usize;
+            let nb_sb = ((target - g.plugged) >> self.geo.sb_shift()) as usize;
             if nb_sb == 0 {
                 return (g, Ok(()));
             }
@@ -478,11 +483,7 @@ impl VirtioMem {
                     g.plugged += done as u64 * sb_size;
                     let Mode::Sbm(sbm) = &mut g.mode;
                     if done > 0 && sbm.plugged_added(mb, first, done) {
-                        let addr = self.geo.sb_addr(mb, first);
-                        pages::fake_online(
-                            addr / self.page_size,
-                            done as u64 * sb_size / self.page_size,
-                        );
+                        pages::fake_online(self.sb_pfn(mb, first), self.sb_pages(done));
                     }
                     if let Err(stop) = res {
                         return (g, Err(stop));
@@ -520,7 +521,12 @@ impl VirtioMem {
                         g.plugged -= undone as u64 * sb_size;
                         let Mode::Sbm(sbm) = &mut g.mode;
                         sbm.add_failed(mb, undone == done);
-                        return (g, Err(if g.broken { Stop::Broken } else { Stop::RetryLater }));
+                        let stop = if g.broken {
+                            Stop::Broken
+                        } else {
+                            Stop::RetryLater
+                        };
+                        return (g, Err(stop));
                     }
                     if let Err(stop) = res {
                         return (g, Err(stop));
@@ -528,6 +534,16 @@ impl VirtioMem {
                 }
             }
         }
+    }
+
+    /// Page frame number of subblock `sb` of block `mb`.
+    fn sb_pfn(&self, mb: usize, sb: usize) -> u64 {
+        self.geo.sb_addr(mb, sb) >> self.page_shift
+    }
+
+    /// Pages in `count` subblocks.
+    fn sb_pages(&self, count: usize) -> u64 {
+        (count as u64) << (self.geo.sb_shift() - self.page_shift)
     }
 
     /// The memory notifier, for a range overlapping the device's region.
@@ -553,7 +569,6 @@ impl VirtioMem {
             return NotifyAnswer::Done;
         };
         let Mode::Sbm(sbm) = &mut g.mode;
-        let page = self.page_size;
         let refuse = |what: &str, state: MbState| {
             dev_warn!(
                 self.dev,
@@ -592,14 +607,12 @@ impl VirtioMem {
                     return refuse("offline", s);
                 }
                 for (first, count) in sbm.unplugged_runs(mb) {
-                    let addr = self.geo.sb_addr(mb, first);
-                    pages::going_offline(addr / page, count as u64 * self.geo.subblock_size / page);
+                    pages::going_offline(self.sb_pfn(mb, first), self.sb_pages(count));
                 }
             }
             MemEvent::CancelOffline => {
                 for (first, count) in sbm.unplugged_runs(mb) {
-                    let addr = self.geo.sb_addr(mb, first);
-                    pages::cancel_offline(addr / page, count as u64 * self.geo.subblock_size / page);
+                    pages::cancel_offline(self.sb_pfn(mb, first), self.sb_pages(count));
                 }
                 sbm.cancel_offline(mb);
             }
@@ -622,12 +635,12 @@ impl VirtioMem {
     pub(crate) fn online_pages(&self, pfn: u64, mut order: u32) {
         let g = self.inner.lock();
         let Mode::Sbm(sbm) = &g.mode;
-        let page = self.page_size;
-        let sb_order = (self.geo.subblock_size / page).trailing_zeros();
-        let end = (pfn + (1 << order)) * page;
-        let mut addr = pfn * page;
+        let shift = self.page_shift;
+        let sb_order = self.geo.sb_shift() - shift;
+        let end = (pfn + (1 << order)) << shift;
+        let mut addr = pfn << shift;
         while addr < end {
-            let size = page << order;
+            let size = 1 << (shift + order);
             let online = match self.geo.mb_of(addr, size) {
                 Some(mb) => {
                     let (first, count) = self.geo.sb_span(mb, addr, size);
@@ -645,9 +658,9 @@ impl VirtioMem {
                 None => false,
             };
             if online {
-                pages::online(addr / page, order);
+                pages::online(addr >> shift, order);
             } else {
-                pages::keep_fake_offline(addr / page, 1 << order);
+                pages::keep_fake_offline(addr >> shift, 1 << order);
             }
             addr += size;
         }

@@ -46,11 +46,6 @@ impl MbState {
         }
     }
 
-    /// Added to Linux (offline or online).
-    pub(crate) const fn is_added(self) -> bool {
-        !matches!(self, Self::Unused | Self::Plugged)
-    }
-
     /// Online, in any zone.
     pub(crate) const fn is_online(self) -> bool {
         matches!(
@@ -146,14 +141,6 @@ impl<W: DerefMut<Target = [u64]>> Sbm<W> {
             words_per_mb,
             usable_mbs: 0,
         })
-    }
-
-    pub(crate) fn nr_mbs(&self) -> usize {
-        self.nr_mbs
-    }
-
-    pub(crate) fn sbs_per_mb(&self) -> usize {
-        self.sbs_per_mb
     }
 
     /// The usable region now covers memory blocks `0 .. usable_mbs`.

@@ -78,6 +78,28 @@ enum vmr_mem_event {
 enum vmr_mem_answer { VMR_NOTIFY_OK, VMR_NOTIFY_BAD, VMR_NOTIFY_DONE };
 void vmr_rs_online_pages(void *rust, unsigned long pfn, unsigned int order);
 
+/* Called from Rust (glue.rs declares the same). */
+struct vmr_raw_config;
+void vmr_glue_read_config(struct vmr_glue *glue, struct vmr_raw_config *cfg);
+bool vmr_glue_has_feature(struct vmr_glue *glue, unsigned int fbit);
+int vmr_glue_request(struct vmr_glue *glue, u16 type, u64 addr, u16 nb_blocks,
+		     unsigned int timeout_ms, u16 *resp_type, u16 *resp_state, u32 *used_len);
+void vmr_glue_queue_work(struct vmr_glue *glue, unsigned int delay_ms);
+u64 vmr_glue_memory_block_size(void);
+u64 vmr_glue_pageblock_size(void);
+u64 vmr_glue_page_size(void);
+void vmr_glue_pluggable_range(u64 *start, u64 *end);
+int vmr_glue_node(struct vmr_glue *glue, u16 node_id, u64 addr);
+int vmr_glue_hotplug_init(struct vmr_glue *glue, u64 addr, u64 size, int nid, u64 unit_bytes);
+int vmr_glue_add_memory(struct vmr_glue *glue, u64 addr, u64 size);
+void vmr_glue_online_pages(unsigned long pfn, unsigned int order);
+void vmr_glue_keep_fake_offline(unsigned long pfn, unsigned long nr_pages);
+void vmr_glue_fake_online(unsigned long pfn, unsigned long nr_pages);
+void vmr_glue_going_offline(unsigned long pfn, unsigned long nr_pages);
+void vmr_glue_cancel_offline(unsigned long pfn, unsigned long nr_pages);
+int vmr_glue_register_driver(void);
+void vmr_glue_unregister_driver(void);
+
 /* ---- device list and the online page callback --------------------------------------- */
 
 static DEFINE_MUTEX(vmr_devices_mutex);
@@ -248,11 +270,6 @@ u64 vmr_glue_page_size(void)
 	return PAGE_SIZE;
 }
 
-unsigned int vmr_glue_max_page_order(void)
-{
-	return MAX_PAGE_ORDER;
-}
-
 void vmr_glue_pluggable_range(u64 *start, u64 *end)
 {
 	const struct range r = mhp_get_pluggable_range(true);
@@ -345,7 +362,7 @@ static int vmr_has_system_ram(struct resource *res, void *arg)
  * Gives the region back. Memory still added (online memory cannot always be removed)
  * keeps the resource and the group, with a warning, as the C driver does.
  */
-void vmr_glue_hotplug_exit(struct vmr_glue *glue)
+static void vmr_glue_hotplug_exit(struct vmr_glue *glue)
 {
 	const char *name;
 

@@ -1,0 +1,284 @@
+# SPDX-License-Identifier: GPL-2.0
+"""Boot a guest with a virtio-mem device under QEMU, drive it over QMP and its serial shell.
+
+Used by the boot tests (vm-scripts/tests) and the demo (vm-scripts/demo). QMP goes through
+the QEMU project's own client library (qemu.qmp); the guest's shell is the initramfs's
+(vm-scripts/build-initramfs) on the first serial port.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD = REPO / "build"
+CACHE = Path(os.environ.get("VMR_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "virtio-mem-rust"))
+
+KERNELS = {"rust": BUILD / "bzImage", "upstream": BUILD / "bzImage-upstream"}
+DRIVERS = {"rust": "virtio_mem_rust", "upstream": "virtio_mem"}
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+# What must never appear on the guest's console.
+BAD_CONSOLE = re.compile(r"WARNING:|BUG:|Oops|Call Trace")
+
+
+def parse_size(s: str | int) -> int:
+    """'4G', '512M', '0' or an int -> bytes."""
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"(\d+)([KMGT]?)", s.strip())
+    if not m:
+        raise ValueError(f"bad size {s!r}")
+    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
+
+
+def cpio_newc(files: dict[str, bytes]) -> bytes:
+    """A gzip'd newc cpio archive of regular files (and their directories), to append to the
+    initramfs: the kernel unpacks concatenated archives in order."""
+    out = io.BytesIO()
+    ino = 1000
+
+    def entry(name: str, mode: int, data: bytes) -> None:
+        nonlocal ino
+        ino += 1
+        name_b = name.encode() + b"\0"
+        hdr = "070701" + "".join(f"{v:08x}" for v in (
+            ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name_b), 0))
+        out.write(hdr.encode() + name_b)
+        out.write(b"\0" * ((4 - (110 + len(name_b)) % 4) % 4))
+        out.write(data)
+        out.write(b"\0" * ((4 - len(data) % 4) % 4))
+
+    dirs = sorted({str(Path(p).parent) for p in files} - {"."})
+    for d in dirs:
+        entry(d, 0o040755, b"")
+    for p, data in sorted(files.items()):
+        entry(p, 0o100644, data)
+    entry("TRAILER!!!", 0, b"")
+    return gzip.compress(out.getvalue())
+
+
+class GuestError(RuntimeError):
+    pass
+
+
+class Vm:
+    """One QEMU guest: q35, TCG, 2 vCPUs, 1 GiB boot memory, maxmem 9 GiB, and a
+    virtio-mem-pci device `vm0` backed by an 8 GiB memory-backend-ram."""
+
+    def __init__(self, kernel: str | Path = "rust", *, requested: str | int = 0,
+                 block_size: str | None = None, append: str = "",
+                 extra_files: dict[str, bytes] | None = None,
+                 interactive: bool = False, workdir: Path | None = None):
+        self.kernel = Path(KERNELS.get(str(kernel), kernel))
+        self.requested = parse_size(requested)
+        self.block_size = block_size
+        self.append = append
+        self.extra_files = extra_files or {}
+        self.interactive = interactive
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="vmr-vm-"))
+        self.proc: subprocess.Popen | None = None
+        self.qmp: QEMUMonitorProtocol | None = None
+        self.ser: socket.socket | None = None
+        self._buf = b""
+        self._seq = 0
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def command_line(self) -> list[str]:
+        for f in (self.kernel, BUILD / "initramfs.cpio.gz"):
+            if not f.exists():
+                raise FileNotFoundError(f"{f} is missing: run `make kernels initramfs` first")
+        initrd = BUILD / "initramfs.cpio.gz"
+        if self.extra_files:
+            initrd = self.dir / "initramfs.cpio.gz"
+            initrd.write_bytes((BUILD / "initramfs.cpio.gz").read_bytes() + cpio_newc(self.extra_files))
+        dev = f"virtio-mem-pci,id=vm0,memdev=mem0,requested-size={self.requested}"
+        if self.block_size:
+            dev += f",block-size={self.block_size}"
+        cmd = [
+            "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max",
+            "-smp", "2", "-m", "1G,maxmem=9G,slots=1",
+            "-object", "memory-backend-ram,id=mem0,size=8G",
+            "-device", dev,
+            "-kernel", str(self.kernel), "-initrd", str(initrd),
+            "-append", f"console=ttyS0 loglevel=5 panic=-1 {self.append}".strip(),
+            "-nodefaults", "-no-user-config", "-nic", "none", "-display", "none", "-no-reboot",
+        ]
+        if self.interactive:
+            cmd += ["-serial", "mon:stdio"]
+        else:
+            cmd += [
+                "-chardev", f"socket,id=ser0,path={self.dir}/serial.sock,server=on,wait=off,"
+                            f"logfile={self.dir}/console.log",
+                "-serial", "chardev:ser0",
+                "-qmp", f"unix:{self.dir}/qmp.sock,server=on,wait=off",
+            ]
+        return cmd
+
+    def start(self, timeout: float = 120) -> "Vm":
+        self.proc = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
+                                     stdout=open(self.dir / "qemu.log", "wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not (self.dir / "qmp.sock").exists() or not (self.dir / "serial.sock").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise GuestError(f"QEMU did not start: {(self.dir / 'qemu.log').read_text()}")
+            time.sleep(0.05)
+        self.qmp = QEMUMonitorProtocol(str(self.dir / "qmp.sock"))
+        self.qmp.connect()
+        self.ser = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.ser.connect(str(self.dir / "serial.sock"))
+        self._read_until(re.compile(rb"vmr-init: ready"), timeout)
+        return self
+
+    def stop(self) -> None:
+        if self.qmp:
+            try:
+                self.qmp.cmd("quit")
+            except Exception:
+                pass
+            try:
+                self.qmp.close()
+            except (EOFError, OSError):
+                pass  # QEMU closed the socket on quit
+            self.qmp = None
+        if self.ser:
+            self.ser.close()
+            self.ser = None
+        if self.proc:
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def __enter__(self) -> "Vm":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- the guest's shell ------------------------------------------------------------------
+
+    def _read_until(self, pattern: re.Pattern, timeout: float) -> re.Match:
+        assert self.ser
+        deadline = time.monotonic() + timeout
+        while True:
+            m = pattern.search(self._buf)
+            if m:
+                self._buf = self._buf[m.end():]
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0 or (self.proc and self.proc.poll() is not None):
+                raise GuestError(f"timed out waiting for {pattern.pattern!r}; console tail:\n"
+                                 + self.console()[-3000:])
+            self.ser.settimeout(min(left, 1.0))
+            try:
+                data = self.ser.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                raise GuestError("serial console closed; console tail:\n" + self.console()[-3000:])
+            self._buf += data
+
+    def run(self, cmd: str, timeout: float = 60, check: bool = True) -> str:
+        """Runs `cmd` in the guest's shell and returns its output."""
+        assert self.ser
+        self._seq += 1
+        tag = f"__VMR_{self._seq}_"
+        self._buf = b""
+        self.ser.sendall(f"{cmd}; echo {tag}$?__\n".encode())
+        m = self._read_until(re.compile(re.escape(tag.encode()) + rb"(\d+)__"), timeout)
+        # Output is everything the shell printed before the tag.
+        out = m.string[:m.start()].decode(errors="replace").replace("\r", "")
+        rc = int(m.group(1))
+        if check and rc != 0:
+            raise GuestError(f"`{cmd}` exited {rc}: {out}")
+        return out
+
+    def console(self) -> str:
+        p = self.dir / "console.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def dmesg(self) -> str:
+        return self.run("dmesg")
+
+    # -- what the user checks ---------------------------------------------------------------
+
+    def memtotal(self) -> int:
+        """The guest's MemTotal in bytes."""
+        out = self.run("grep MemTotal /proc/meminfo")
+        return int(re.search(r"MemTotal:\s+(\d+) kB", out).group(1)) * 1024
+
+    def device(self) -> dict:
+        """QEMU's view of vm0 (query-memory-devices): size, requested-size, addr, ..."""
+        assert self.qmp
+        for d in self.qmp.cmd("query-memory-devices"):
+            if d["data"].get("id") == "vm0":
+                return d["data"]
+        raise GuestError("no memory device vm0")
+
+    def set_requested(self, size: str | int) -> None:
+        assert self.qmp
+        self.qmp.cmd("qom-set", path="vm0", property="requested-size", value=parse_size(size))
+
+    def wait_size(self, size: str | int, timeout: float = 120, poll: float = 0.02) -> float:
+        """Waits until QEMU's size of vm0 is `size`; returns the seconds it took."""
+        want = parse_size(size)
+        start = time.monotonic()
+        while True:
+            if self.device()["size"] == want:
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                raise GuestError(f"vm0 size is {self.device()['size']:#x}, not {want:#x} after {timeout} s")
+            time.sleep(poll)
+
+    def bound_driver(self) -> str | None:
+        """Name of the driver bound to the virtio-mem device (virtio id 0x0018), or None."""
+        out = self.run("for d in /sys/bus/virtio/devices/*; do "
+                       "[ \"$(cat $d/device)\" = 0x0018 ] && "
+                       "{ [ -e $d/driver ] && basename $(readlink $d/driver) || echo NONE; }; done")
+        name = out.strip().splitlines()[-1] if out.strip() else "NONE"
+        return None if name == "NONE" else name
+
+    def iomem(self) -> list[tuple[int, int, int, str]]:
+        """/proc/iomem as (depth, start, end, name)."""
+        rows = []
+        for line in self.run("cat /proc/iomem").splitlines():
+            m = re.match(r"^( *)([0-9a-f]+)-([0-9a-f]+) : (.*)$", line)
+            if m:
+                rows.append((len(m.group(1)) // 2, int(m.group(2), 16), int(m.group(3), 16), m.group(4)))
+        return rows
+
+    def zone_managed(self, zone: str) -> int:
+        """Managed bytes of `zone` over all nodes (/proc/zoneinfo)."""
+        total, cur = 0, None
+        for line in self.run("cat /proc/zoneinfo").splitlines():
+            m = re.match(r"Node \d+, zone\s+(\S+)", line)
+            if m:
+                cur = m.group(1)
+                continue
+            m = re.match(r"\s+managed\s+(\d+)", line)
+            if m and cur == zone:
+                total += int(m.group(1)) * 4096
+        return total
+
+    def bad_console_lines(self) -> list[str]:
+        return [l for l in self.console().splitlines() if BAD_CONSOLE.search(l)]
