@@ -119,11 +119,14 @@ impl Geometry {
                 "is zero or not a multiple of block_size",
             ));
         }
-        let end = raw.addr.checked_add(raw.region_size).ok_or(ConfigError::new(
-            "region_size",
-            raw.region_size,
-            "makes addr + region_size overflow",
-        ))?;
+        let end = raw
+            .addr
+            .checked_add(raw.region_size)
+            .ok_or(ConfigError::new(
+                "region_size",
+                raw.region_size,
+                "makes addr + region_size overflow",
+            ))?;
         if raw.addr < limits.pluggable_start {
             return Err(ConfigError::new(
                 "addr",

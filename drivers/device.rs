@@ -23,8 +23,8 @@ use kernel::{
     device::Device,
     new_mutex,
     prelude::*,
-    sync::{Arc, Mutex, MutexGuard},
     sync::aref::ARef,
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 /// How long the worker waits for the device to answer one request.
@@ -156,7 +156,11 @@ impl VirtioMem {
             geo.subblock_size,
             geo.memory_block_size,
             nid,
-            if glue.has_acpi_pxm() { " (ACPI PXM)" } else { "" },
+            if glue.has_acpi_pxm() {
+                " (ACPI PXM)"
+            } else {
+                ""
+            },
             geo.mode.name()
         );
         let unplug_all_required = sizes.plugged != 0;

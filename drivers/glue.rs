@@ -17,14 +17,12 @@ use crate::{
     config::RawConfig,
     device::{MemEvent, NotifyAnswer, VirtioMem},
 };
-use core::{
-    ffi::{c_int, c_uint, c_ulong, c_void},
-    ptr::NonNull,
-};
+use core::ptr::NonNull;
 use kernel::{
     bindings,
     device::Device,
     error::{from_result, to_result},
+    ffi::{c_int, c_uint, c_ulong, c_void},
     prelude::*,
     sync::{Arc, ArcBorrow},
 };

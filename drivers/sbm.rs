@@ -193,7 +193,9 @@ impl<W: DerefMut<Target = [u64]>> Sbm<W> {
 
     /// Whether subblocks `first .. first + count` of block `mb` are plugged.
     pub(crate) fn plugged(&self, mb: usize, first: usize, count: usize) -> Plugged {
-        let n = (first..first + count).filter(|&sb| self.bit(mb, sb)).count();
+        let n = (first..first + count)
+            .filter(|&sb| self.bit(mb, sb))
+            .count();
         match n {
             0 => Plugged::None,
             n if n == count => Plugged::All,

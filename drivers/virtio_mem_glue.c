@@ -35,6 +35,7 @@
 #include <acpi/acpi_numa.h>
 
 #include "../include-uapi/linux/virtio_mem.h"
+#include "virtio_mem_glue.h"
 
 struct vmr_glue {
 	struct virtio_device *vdev;
@@ -61,44 +62,6 @@ struct vmr_glue {
 
 	void *rust;
 };
-
-/* Rust side (glue.rs). */
-int vmr_rs_probe(struct vmr_glue *glue, struct device *dev, void **rust);
-void vmr_rs_remove(void *rust);
-void vmr_rs_release(void *rust);
-void vmr_rs_config_changed(void *rust);
-void vmr_rs_work(void *rust);
-int vmr_rs_memory_event(void *rust, unsigned int event, u64 start, u64 size, bool movable);
-
-/* Memory notifier events and answers as the Rust side sees them (glue.rs mirrors these). */
-enum vmr_mem_event {
-	VMR_GOING_ONLINE, VMR_ONLINE, VMR_CANCEL_ONLINE,
-	VMR_GOING_OFFLINE, VMR_OFFLINE, VMR_CANCEL_OFFLINE,
-};
-enum vmr_mem_answer { VMR_NOTIFY_OK, VMR_NOTIFY_BAD, VMR_NOTIFY_DONE };
-void vmr_rs_online_pages(void *rust, unsigned long pfn, unsigned int order);
-
-/* Called from Rust (glue.rs declares the same). */
-struct vmr_raw_config;
-void vmr_glue_read_config(struct vmr_glue *glue, struct vmr_raw_config *cfg);
-bool vmr_glue_has_feature(struct vmr_glue *glue, unsigned int fbit);
-int vmr_glue_request(struct vmr_glue *glue, u16 type, u64 addr, u16 nb_blocks,
-		     unsigned int timeout_ms, u16 *resp_type, u16 *resp_state, u32 *used_len);
-void vmr_glue_queue_work(struct vmr_glue *glue, unsigned int delay_ms);
-u64 vmr_glue_memory_block_size(void);
-u64 vmr_glue_pageblock_size(void);
-u64 vmr_glue_page_size(void);
-void vmr_glue_pluggable_range(u64 *start, u64 *end);
-int vmr_glue_node(struct vmr_glue *glue, u16 node_id, u64 addr);
-int vmr_glue_hotplug_init(struct vmr_glue *glue, u64 addr, u64 size, int nid, u64 unit_bytes);
-int vmr_glue_add_memory(struct vmr_glue *glue, u64 addr, u64 size);
-void vmr_glue_online_pages(unsigned long pfn, unsigned int order);
-void vmr_glue_keep_fake_offline(unsigned long pfn, unsigned long nr_pages);
-void vmr_glue_fake_online(unsigned long pfn, unsigned long nr_pages);
-void vmr_glue_going_offline(unsigned long pfn, unsigned long nr_pages);
-void vmr_glue_cancel_offline(unsigned long pfn, unsigned long nr_pages);
-int vmr_glue_register_driver(void);
-void vmr_glue_unregister_driver(void);
 
 /* ---- device list and the online page callback --------------------------------------- */
 
@@ -141,20 +104,36 @@ static int vmr_memory_notifier_cb(struct notifier_block *nb, unsigned long actio
 	if (start + size <= glue->addr || start >= glue->addr + glue->size)
 		return NOTIFY_DONE;
 	switch (action) {
-	case MEM_GOING_ONLINE: event = VMR_GOING_ONLINE; break;
-	case MEM_ONLINE: event = VMR_ONLINE; break;
-	case MEM_CANCEL_ONLINE: event = VMR_CANCEL_ONLINE; break;
-	case MEM_GOING_OFFLINE: event = VMR_GOING_OFFLINE; break;
-	case MEM_OFFLINE: event = VMR_OFFLINE; break;
-	case MEM_CANCEL_OFFLINE: event = VMR_CANCEL_OFFLINE; break;
-	default: return NOTIFY_DONE;
+	case MEM_GOING_ONLINE:
+		event = VMR_GOING_ONLINE;
+		break;
+	case MEM_ONLINE:
+		event = VMR_ONLINE;
+		break;
+	case MEM_CANCEL_ONLINE:
+		event = VMR_CANCEL_ONLINE;
+		break;
+	case MEM_GOING_OFFLINE:
+		event = VMR_GOING_OFFLINE;
+		break;
+	case MEM_OFFLINE:
+		event = VMR_OFFLINE;
+		break;
+	case MEM_CANCEL_OFFLINE:
+		event = VMR_CANCEL_OFFLINE;
+		break;
+	default:
+		return NOTIFY_DONE;
 	}
 	if (event == VMR_ONLINE)
 		movable = is_zone_movable_page(pfn_to_page(mhp->start_pfn));
 	switch (vmr_rs_memory_event(glue->rust, event, start, size, movable)) {
-	case VMR_NOTIFY_OK: return NOTIFY_OK;
-	case VMR_NOTIFY_DONE: return NOTIFY_DONE;
-	default: return NOTIFY_BAD;
+	case VMR_NOTIFY_OK:
+		return NOTIFY_OK;
+	case VMR_NOTIFY_DONE:
+		return NOTIFY_DONE;
+	default:
+		return NOTIFY_BAD;
 	}
 }
 

@@ -1,0 +1,43 @@
+# SPDX-License-Identifier: GPL-2.0
+#
+# User-facing commands. The kernel module itself is built by Kbuild (see Kbuild), either in
+# a kernel tree (CONFIG_VIRTIO_MEM_RUST) or out of tree with make -C <kernel build dir> M=$PWD.
+#
+#   make demo    set up, build, boot a VM and show its memory growing (the main job)
+#   make test    set up, build and run every test
+#   make run     an interactive VM (Ctrl-A c for the QEMU monitor)
+
+SHELL := /bin/bash
+CACHE := $(or $(VMR_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/virtio-mem-rust)
+PY := $(CACHE)/venv/bin/python
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup kernels initramfs demo test run check-style vm-tests clean
+
+setup:
+	vm-scripts/setup
+
+kernels: setup
+	vm-scripts/build-kernel rust
+	vm-scripts/build-kernel upstream
+
+initramfs: setup
+	vm-scripts/build-initramfs
+
+demo: kernels initramfs
+	$(PY) vm-scripts/demo $(DEMO_ARGS)
+
+run: kernels initramfs
+	$(PY) vm-scripts/run-vm $(RUN_ARGS)
+
+check-style: setup
+	vm-scripts/check-style
+
+vm-tests: kernels initramfs
+	$(PY) -m pytest -v -rA vm-scripts/tests $(PYTEST_ARGS)
+
+test: check-style vm-tests
+
+clean:
+	rm -rf build

@@ -1,0 +1,56 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The ABI between virtio_mem_glue.c and the Rust side of virtio_mem_rust: opaque pointers
+ * and scalars only. glue.rs declares the same functions and mirrors the enums.
+ */
+#ifndef VIRTIO_MEM_RUST_GLUE_H
+#define VIRTIO_MEM_RUST_GLUE_H
+
+#include <linux/types.h>
+
+struct device;
+struct vmr_glue;
+
+/* Implemented in Rust (glue.rs). */
+int vmr_rs_probe(struct vmr_glue *glue, struct device *dev, void **rust);
+void vmr_rs_remove(void *rust);
+void vmr_rs_release(void *rust);
+void vmr_rs_config_changed(void *rust);
+void vmr_rs_work(void *rust);
+int vmr_rs_memory_event(void *rust, unsigned int event, u64 start, u64 size, bool movable);
+
+/* Memory notifier events and answers as the Rust side sees them (glue.rs mirrors these). */
+enum vmr_mem_event {
+	VMR_GOING_ONLINE,
+	VMR_ONLINE,
+	VMR_CANCEL_ONLINE,
+	VMR_GOING_OFFLINE,
+	VMR_OFFLINE,
+	VMR_CANCEL_OFFLINE,
+};
+enum vmr_mem_answer { VMR_NOTIFY_OK, VMR_NOTIFY_BAD, VMR_NOTIFY_DONE };
+void vmr_rs_online_pages(void *rust, unsigned long pfn, unsigned int order);
+
+/* Implemented in virtio_mem_glue.c, called from Rust (glue.rs declares the same). */
+struct vmr_raw_config;
+void vmr_glue_read_config(struct vmr_glue *glue, struct vmr_raw_config *cfg);
+bool vmr_glue_has_feature(struct vmr_glue *glue, unsigned int fbit);
+int vmr_glue_request(struct vmr_glue *glue, u16 type, u64 addr, u16 nb_blocks,
+		     unsigned int timeout_ms, u16 *resp_type, u16 *resp_state, u32 *used_len);
+void vmr_glue_queue_work(struct vmr_glue *glue, unsigned int delay_ms);
+u64 vmr_glue_memory_block_size(void);
+u64 vmr_glue_pageblock_size(void);
+u64 vmr_glue_page_size(void);
+void vmr_glue_pluggable_range(u64 *start, u64 *end);
+int vmr_glue_node(struct vmr_glue *glue, u16 node_id, u64 addr);
+int vmr_glue_hotplug_init(struct vmr_glue *glue, u64 addr, u64 size, int nid, u64 unit_bytes);
+int vmr_glue_add_memory(struct vmr_glue *glue, u64 addr, u64 size);
+void vmr_glue_online_pages(unsigned long pfn, unsigned int order);
+void vmr_glue_keep_fake_offline(unsigned long pfn, unsigned long nr_pages);
+void vmr_glue_fake_online(unsigned long pfn, unsigned long nr_pages);
+void vmr_glue_going_offline(unsigned long pfn, unsigned long nr_pages);
+void vmr_glue_cancel_offline(unsigned long pfn, unsigned long nr_pages);
+int vmr_glue_register_driver(void);
+void vmr_glue_unregister_driver(void);
+
+#endif /* VIRTIO_MEM_RUST_GLUE_H */

@@ -1,0 +1,121 @@
+# SPDX-License-Identifier: GPL-2.0
+"""Boot tests: build/bzImage in QEMU (q35, TCG, 2 vCPUs, 1 GiB + an 8 GiB virtio-mem-pci
+device vm0), resized with qom-set over QMP; checked as an operator would: QEMU's `size`,
+the guest's MemTotal, /proc/iomem, the zones, dmesg and the console."""
+
+import re
+import subprocess
+import shutil
+import time
+
+import pytest
+
+from vmlib import CACHE, GiB, MiB, REPO, Vm
+
+DRIVER = "virtio_mem_rust"
+
+
+def settle_memtotal(vm: Vm, want: int, timeout: float = 30) -> int:
+    """MemTotal once it reaches `want` (onlining may trail QEMU's size a little)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = vm.memtotal()
+        if m == want or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+def virtio_mem_ram(vm: Vm) -> tuple[tuple, list[tuple]]:
+    """The device's parent resource in /proc/iomem and the System RAM (virtio_mem) below it."""
+    rows = vm.iomem()
+    parents = [r for r in rows if re.fullmatch(r"virtio\d+", r[3])]
+    assert len(parents) == 1, f"no single virtio-mem parent resource in /proc/iomem: {rows}"
+    parent = parents[0]
+    children = [r for r in rows if r[3] == "System RAM (virtio_mem)"]
+    return parent, children
+
+
+def grow_and_check(vm: Vm, steps=("4G", "6G")):
+    assert vm.bound_driver() == DRIVER
+    assert vm.device()["size"] == 0
+    base = vm.memtotal()
+    for size in steps:
+        want = int(size[:-1]) * GiB
+        vm.set_requested(size)
+        vm.wait_size(size)
+        assert vm.device()["size"] == want
+        assert settle_memtotal(vm, base + want) == base + want, "MemTotal did not grow by exactly the plugged size"
+    parent, children = virtio_mem_ram(vm)
+    dev = vm.device()
+    assert parent[1] == dev["addr"]
+    assert children, "no System RAM (virtio_mem) in /proc/iomem"
+    for c in children:
+        assert c[0] == parent[0] + 1 and parent[1] <= c[1] and c[2] <= parent[2], \
+            f"{c} is not inside the device's resource {parent}"
+    # Memory blocks of 128 MiB, fully plugged here: the RAM resources cover exactly the plugged size.
+    assert sum(c[2] - c[1] + 1 for c in children) == want
+    dmesg = vm.dmesg()
+    assert "Sub Block Mode" in dmesg
+    assert f"plugged {want:#x} of requested {want:#x}" in dmesg
+    return base
+
+
+def test_grow_default_policy(boot):
+    vm = boot()
+    grow_and_check(vm)
+    # Auto-online onlined the memory to a kernel zone.
+    assert vm.zone_managed("Movable") == 0
+
+
+def test_grow_online_movable(boot):
+    vm = boot(append="memhp_default_state=online_movable")
+    grow_and_check(vm)
+    assert vm.zone_managed("Movable") == 6 * GiB
+
+
+def test_big_block_device_is_refused(boot):
+    vm = boot(block_size="1G")
+    assert vm.bound_driver() is None
+    dmesg = vm.dmesg()
+    assert "invalid device config: block_size = 0x40000000 needs Big Block Mode" in dmesg
+    base = vm.memtotal()
+    vm.set_requested("2G")
+    time.sleep(2)
+    assert vm.device()["size"] == 0
+    assert vm.memtotal() == base
+    assert not [r for r in vm.iomem() if r[3] == "System RAM (virtio_mem)"]
+
+
+def test_boot_with_memory_requested(boot):
+    # The same guest without the device's memory, for MemTotal's baseline.
+    base = boot().memtotal()
+    vm = boot(requested="1G")
+    vm.wait_size("1G")
+    assert vm.device()["size"] == GiB
+    assert settle_memtotal(vm, base + GiB) == base + GiB
+    _, children = virtio_mem_ram(vm)
+    assert sum(c[2] - c[1] + 1 for c in children) == GiB
+
+
+def test_out_of_tree_module(boot, tmp_path):
+    """The driver built with `make -C <kernel build dir> M=<dir>` loads into the reference
+    kernel (whose built-in C driver is kept from starting) and plugs memory."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("Kbuild", "Kconfig", "drivers", "include-uapi"):
+        p = REPO / name
+        (shutil.copytree if p.is_dir() else shutil.copy)(p, src / name)
+    kbuild = CACHE / "kbuild-upstream"
+    env_script = f". {REPO}/vm-scripts/lib.sh && rust_env && make -s -C {kbuild} M={src}"
+    r = subprocess.run(["bash", "-c", env_script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not re.search(r"warning|error", r.stdout + r.stderr, re.I), r.stdout + r.stderr
+    ko = (src / "virtio_mem_rust.ko").read_bytes()
+    vm = boot("upstream", append="initcall_blacklist=virtio_mem_driver_init vmr.insmod=1",
+              extra_files={"lib/vmr/virtio_mem_rust.ko": ko})
+    assert "virtio_mem_rust" in vm.run("cat /proc/modules")
+    base = vm.memtotal()
+    vm.set_requested("2G")
+    vm.wait_size("2G")
+    assert settle_memtotal(vm, base + 2 * GiB) == base + 2 * GiB
+    assert vm.bound_driver() == DRIVER
