@@ -31,7 +31,7 @@ demo: kernels initramfs
 run: kernels initramfs
 	$(PY) vm-scripts/run-vm $(RUN_ARGS)
 
-check-style: setup
+check-style: kernels
 	vm-scripts/check-style
 
 vm-tests: kernels initramfs

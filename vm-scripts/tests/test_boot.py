@@ -47,7 +47,7 @@ def grow_and_check(vm: Vm, steps=("4G", "6G")):
         assert settle_memtotal(vm, base + want) == base + want, "MemTotal did not grow by exactly the plugged size"
     parent, children = virtio_mem_ram(vm)
     dev = vm.device()
-    assert parent[1] == dev["addr"]
+    assert (parent[1], parent[2] + 1) == (dev["memaddr"], dev["memaddr"] + dev["max-size"])
     assert children, "no System RAM (virtio_mem) in /proc/iomem"
     for c in children:
         assert c[0] == parent[0] + 1 and parent[1] <= c[1] and c[2] <= parent[2], \
