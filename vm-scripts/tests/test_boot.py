@@ -119,3 +119,44 @@ def test_out_of_tree_module(boot, tmp_path):
     vm.wait_size("2G")
     assert settle_memtotal(vm, base + 2 * GiB) == base + 2 * GiB
     assert vm.bound_driver() == DRIVER
+
+
+def test_grow_partial_blocks(boot):
+    """Sizes that end inside a 128 MiB memory block: the block is added with only some
+    subblocks plugged (the rest stays fake-offline), and a later grow plugs the rest of it
+    while it is online."""
+    vm = boot()
+    base = vm.memtotal()
+    for size in ("100M", "300M", "1000M"):
+        want = int(size[:-1]) * MiB
+        vm.set_requested(size)
+        vm.wait_size(size)
+        assert settle_memtotal(vm, base + want) == base + want
+    # Added memory blocks: ceil(1000 / 128) = 8, the last one partially plugged.
+    _, children = virtio_mem_ram(vm)
+    assert sum(c[2] - c[1] + 1 for c in children) == 8 * 128 * MiB
+    assert "refusing" not in vm.dmesg()
+
+
+def online_all(vm: Vm) -> None:
+    vm.run("for m in /sys/devices/system/memory/memory*; do "
+           "[ \"$(cat $m/state)\" = offline ] && echo online > $m/state; done; true")
+
+
+def test_offline_threshold(boot):
+    """With nothing onlining hotplugged memory, the driver stops adding once 1 GiB is added
+    but offline, and goes on as the blocks are onlined."""
+    vm = boot(append="memhp_default_state=offline")
+    base = vm.memtotal()
+    vm.set_requested("2G")
+    vm.wait_size("1G")
+    time.sleep(2)
+    assert vm.device()["size"] == GiB, "went past the offline threshold"
+    assert vm.memtotal() == base, "memory came online without being onlined"
+    deadline = time.monotonic() + 60
+    while vm.device()["size"] != 2 * GiB and time.monotonic() < deadline:
+        online_all(vm)
+        time.sleep(0.2)
+    assert vm.device()["size"] == 2 * GiB
+    online_all(vm)
+    assert settle_memtotal(vm, base + 2 * GiB) == base + 2 * GiB
