@@ -25,6 +25,8 @@ pub(crate) struct RawConfig {
 /// What the kernel imposes on the device's memory.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Limits {
+    /// Size of a page.
+    pub(crate) page_size: u64,
     /// Size of a Linux memory block (a power of two).
     pub(crate) memory_block_size: u64,
     /// Size of a pageblock (a power of two).
@@ -73,7 +75,7 @@ impl ModeKind {
 /// # Invariants
 ///
 /// `device_block_size`, `subblock_size` and `memory_block_size` are powers of two with
-/// `device_block_size <= subblock_size < memory_block_size`; `addr + region_size` does not
+/// `device_block_size <= subblock_size < memory_block_size` and a subblock at least a page; `addr + region_size` does not
 /// overflow and lies inside the pluggable range; memory blocks `first_mb .. first_mb +
 /// nr_mbs` lie fully inside the region, and there is at least one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,20 +143,16 @@ impl Geometry {
                 "makes the region end beyond the pluggable physical range",
             ));
         }
-        if raw.usable_region_size > raw.region_size || raw.usable_region_size & bs_mask != 0 {
-            return Err(ConfigError::new(
-                "usable_region_size",
-                raw.usable_region_size,
-                "is larger than region_size or not a multiple of block_size",
-            ));
-        }
-
         let mb = limits.memory_block_size;
-        if !mb.is_power_of_two() || !limits.pageblock_size.is_power_of_two() {
+        if !mb.is_power_of_two()
+            || !limits.pageblock_size.is_power_of_two()
+            || !limits.page_size.is_power_of_two()
+            || limits.page_size > limits.pageblock_size
+        {
             return Err(ConfigError::new(
                 "block_size",
                 bs,
-                "cannot be used: the kernel's memory block or pageblock size is not a power of two",
+                "cannot be used: the kernel's page, pageblock or memory block size is not a power of two",
             ));
         }
         let mb_shift = mb.trailing_zeros();
@@ -287,27 +285,32 @@ impl Sizes {
                 "or region_size changed while the device runs",
             ));
         }
-        if raw.usable_region_size > geo.region_size || raw.usable_region_size & bs_mask != 0 {
-            return Err(ConfigError::new(
-                "usable_region_size",
-                raw.usable_region_size,
-                "is larger than region_size or not a multiple of block_size",
-            ));
-        }
-        if raw.plugged_size > geo.region_size || raw.plugged_size & bs_mask != 0 {
-            return Err(ConfigError::new(
-                "plugged_size",
-                raw.plugged_size,
-                "is larger than region_size or not a multiple of block_size",
-            ));
-        }
-        if raw.requested_size > raw.usable_region_size || raw.requested_size & bs_mask != 0 {
-            return Err(ConfigError::new(
-                "requested_size",
-                raw.requested_size,
-                "is larger than usable_region_size or not a multiple of block_size",
-            ));
-        }
+        // A multiple of the block size, at most `max`.
+        let check = |field, value: u64, max: u64, reason| {
+            if value > max || value & bs_mask != 0 {
+                Err(ConfigError::new(field, value, reason))
+            } else {
+                Ok(value)
+            }
+        };
+        check(
+            "usable_region_size",
+            raw.usable_region_size,
+            geo.region_size,
+            "is larger than region_size or not a multiple of block_size",
+        )?;
+        check(
+            "plugged_size",
+            raw.plugged_size,
+            geo.region_size,
+            "is larger than region_size or not a multiple of block_size",
+        )?;
+        check(
+            "requested_size",
+            raw.requested_size,
+            raw.usable_region_size,
+            "is larger than usable_region_size or not a multiple of block_size",
+        )?;
         Ok(Self {
             usable: raw.usable_region_size,
             plugged: raw.plugged_size,

@@ -12,7 +12,7 @@
 //! The worker does hold it across device requests, which are bounded by a timeout.
 
 use crate::{
-    config::{ConfigError, Geometry, Limits, Sizes},
+    config::{ConfigError, Geometry, Sizes},
     glue::{self, pages, Channel, Glue},
     protocol::{self, BadResponse, RequestType, Response},
     sbm::{MbState, PlugStep, Plugged, Sbm},
@@ -125,13 +125,7 @@ impl VirtioMem {
     /// Reads and validates the config, allocates the state. Nothing is registered yet.
     pub(crate) fn new(glue: Glue, mut chan: Channel, dev: ARef<Device>) -> Result<Arc<Self>> {
         let raw = chan.read_config();
-        let mm = glue::mm_limits();
-        let limits = Limits {
-            memory_block_size: mm.memory_block_size,
-            pageblock_size: mm.pageblock_size,
-            pluggable_start: mm.pluggable_start,
-            pluggable_end: mm.pluggable_end,
-        };
+        let limits = glue::mm_limits();
         let geo = Geometry::new(&raw, &limits).map_err(|e| config_err(&dev, e))?;
         let sizes = Sizes::new(&raw, &geo).map_err(|e| config_err(&dev, e))?;
         let nid = glue.node(raw.node_id, geo.addr);
@@ -173,16 +167,13 @@ impl VirtioMem {
         }
         let offline_threshold_mbs =
             (OFFLINE_THRESHOLD >> geo.memory_block_size.trailing_zeros()).max(2) as usize;
-        if !mm.page_size.is_power_of_two() || mm.page_size > geo.subblock_size {
-            return Err(EINVAL);
-        }
 
         Arc::pin_init(
             try_pin_init!(Self {
                 dev,
                 glue,
                 geo,
-                page_shift: mm.page_size.trailing_zeros(),
+                page_shift: limits.page_size.trailing_zeros(),
                 nid,
                 offline_threshold_mbs,
                 config_changed: AtomicBool::new(true),

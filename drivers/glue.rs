@@ -14,7 +14,7 @@
 //! (the only way to send one) lives inside the device's mutex.
 
 use crate::{
-    config::RawConfig,
+    config::{Limits, RawConfig},
     device::{MemEvent, NotifyAnswer, VirtioMem},
 };
 use core::ptr::NonNull;
@@ -85,19 +85,11 @@ pub(crate) fn unregister_driver() {
 }
 
 /// The kernel's page size, memory block size, pageblock size and pluggable range.
-pub(crate) struct MmLimits {
-    pub(crate) page_size: u64,
-    pub(crate) memory_block_size: u64,
-    pub(crate) pageblock_size: u64,
-    pub(crate) pluggable_start: u64,
-    pub(crate) pluggable_end: u64,
-}
-
-pub(crate) fn mm_limits() -> MmLimits {
+pub(crate) fn mm_limits() -> Limits {
     let (mut start, mut end) = (0, 0);
     // SAFETY: both pointers are valid for writes.
     unsafe { vmr_glue_pluggable_range(&mut start, &mut end) };
-    MmLimits {
+    Limits {
         // SAFETY: these read constants.
         page_size: unsafe { vmr_glue_page_size() },
         // SAFETY: as above.
