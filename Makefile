@@ -5,7 +5,7 @@
 #
 #   make demo    set up, build, boot a VM and show its memory growing (the main job)
 #   make test    set up, build and run every test
-#   make bench   grow 0 -> 4G on both kernels, timed over QMP
+#   make bench   the resize scenarios on both kernels, timed over QMP
 #   make run     an interactive VM (Ctrl-A c for the QEMU monitor)
 
 SHELL := /bin/bash
@@ -30,7 +30,7 @@ demo: kernels initramfs
 	$(PY) vm-scripts/demo $(DEMO_ARGS)
 
 bench: kernels initramfs
-	$(PY) vm-scripts/bench-grow $(BENCH_ARGS)
+	$(PY) vm-scripts/bench $(BENCH_ARGS)
 
 run: kernels initramfs
 	$(PY) vm-scripts/run-vm $(RUN_ARGS)

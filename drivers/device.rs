@@ -15,11 +15,12 @@ use crate::{
     config::{ConfigError, Geometry, Sizes},
     glue::{self, pages, Channel, Glue},
     protocol::{self, BadResponse, RequestType, Response},
-    sbm::{MbState, PlugStep, Plugged, Sbm},
+    retry::Backoff,
+    sbm::{MbState, OnlineCursor, PlugStep, Plugged, Sbm, UnplugStep},
 };
 use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::{
-    alloc::KVVec,
+    alloc::{KVVec, KVec},
     device::Device,
     new_mutex,
     prelude::*,
@@ -29,9 +30,8 @@ use kernel::{
 
 /// How long the worker waits for the device to answer one request.
 const REQUEST_TIMEOUT_MS: u32 = 30_000;
-/// Retries after BUSY or a failed add: from this delay, doubling, up to the maximum.
-const RETRY_MIN_MS: u32 = 1_000;
-const RETRY_MAX_MS: u32 = 300_000;
+/// Tries of `alloc_contig_range` for one range: ZONE_MOVABLE promises more, so more.
+const FAKE_OFFLINE_TRIES_MOVABLE: u32 = 5;
 /// Stop adding memory while at least this much is added but offline (or two blocks).
 const OFFLINE_THRESHOLD: u64 = 1 << 30;
 
@@ -62,9 +62,12 @@ enum Mode {
 
 /// Why the worker stopped before reaching the requested size.
 enum Stop {
+    /// The config changed meanwhile: start over with the new sizes.
+    Again,
     /// The device refused to plug more (NACK): wait for the next config change.
     Nack,
-    /// The device is busy, or adding memory failed: retry later.
+    /// The device is busy, memory could not be freed or removed, or adding failed: retry
+    /// later.
     RetryLater,
     /// Too much memory is added but not online: wait until it is onlined.
     WaitForOnline,
@@ -85,12 +88,12 @@ struct Inner {
     unplug_all_required: bool,
     broken: bool,
     removing: bool,
-    retry_ms: u32,
+    backoff: Backoff,
     waiting_for_online: bool,
     /// The requested size the device NACKed a plug at: no new try until it changes.
     nacked_at: Option<u64>,
-    /// A shrink was asked; said once per requested size.
-    shrink_warned_at: Option<u64>,
+    /// A range (pfn, pages) the last unplug round could not free, for the log.
+    last_busy: Option<(u64, u64)>,
 }
 
 /// One virtio-mem device.
@@ -107,6 +110,15 @@ pub(crate) struct VirtioMem {
     config_changed: AtomicBool,
     #[pin]
     inner: Mutex<Inner>,
+}
+
+/// How a stop while unplugging is handled: the device does not NACK an unplug, so a NACK
+/// there is retried like BUSY.
+fn unplug_stop(stop: Stop) -> Stop {
+    match stop {
+        Stop::Nack => Stop::RetryLater,
+        s => s,
+    }
 }
 
 /// Turns a refused config field into a log line and `EINVAL`.
@@ -186,10 +198,10 @@ impl VirtioMem {
                         unplug_all_required,
                         broken: false,
                         removing: false,
-                        retry_ms: RETRY_MIN_MS,
+                        backoff: Backoff::new(),
                         waiting_for_online: false,
                         nacked_at: None,
-                        shrink_warned_at: None,
+                        last_busy: None,
                     },
                     "VirtioMem::inner"
                 ),
@@ -220,61 +232,95 @@ impl VirtioMem {
         self.config_changed.store(true, Ordering::Release);
     }
 
-    /// The device goes away: refuse onlining and offlining from now on.
+    /// The device goes away: refuse onlining and offlining from now on, and remove what
+    /// can be removed: offline blocks with unplugged subblocks (without the online page
+    /// callback, onlining them would hand unplugged memory to the kernel) and emptied
+    /// blocks. What stays added stays safe: online memory keeps its fake-offline pages.
+    ///
+    /// The glue has cancelled the worker already. `removing` is set last: until then the
+    /// memory notifier must let this removal offline its own blocks.
     pub(crate) fn remove(&self) {
-        self.inner.lock().removing = true;
+        let mut g = self.inner.lock();
+        let mut from = 0;
+        loop {
+            let Mode::Sbm(sbm) = &g.mode;
+            let Some(mb) = (from..sbm.nr_mbs())
+                .find(|&mb| sbm.state(mb) == MbState::OfflinePartial || sbm.is_empty_added(mb))
+            else {
+                break;
+            };
+            from = mb + 1;
+            let (ng, removed) = self.remove_block(g, mb);
+            g = ng;
+            if !removed {
+                dev_warn!(
+                    self.dev,
+                    "memory block {:#x} stays added after removal\n",
+                    self.geo.mb_addr(mb)
+                );
+            }
+        }
+        g.removing = true;
+        if g.plugged != 0 {
+            dev_warn!(self.dev, "removed with {:#x} still plugged\n", g.plugged);
+        }
     }
 
     /// The worker: follows the requested size.
     pub(crate) fn run(&self) {
         let mut g = self.inner.lock();
-        if g.broken || g.removing {
-            return;
-        }
-        if g.unplug_all_required {
-            match self.request(&mut g, RequestType::UnplugAll, 0, 0) {
-                Some(Response::Ack) => {
-                    g.unplug_all_required = false;
-                    self.config_changed.store(true, Ordering::Release);
+        let start_plugged = g.plugged;
+        let result = loop {
+            if g.broken || g.removing {
+                return;
+            }
+            if g.unplug_all_required {
+                match self.request(&mut g, RequestType::UnplugAll, 0, 0) {
+                    Some(Response::Ack) => {
+                        g.unplug_all_required = false;
+                        self.config_changed.store(true, Ordering::Release);
+                    }
+                    Some(Response::Busy) => break Err(Stop::RetryLater),
+                    other => return self.mark_broken(&mut g, RequestType::UnplugAll, other),
                 }
-                Some(Response::Busy) => return self.retry_later(&mut g),
-                other => return self.mark_broken(&mut g, RequestType::UnplugAll, other),
             }
-        }
-        if self.config_changed.swap(false, Ordering::AcqRel) && !self.refresh(&mut g) {
-            return;
-        }
-
-        let Sizes { requested, .. } = g.sizes;
-        if requested < g.plugged {
-            if g.shrink_warned_at != Some(requested) {
-                g.shrink_warned_at = Some(requested);
-                dev_warn!(
-                    self.dev,
-                    "requested size {:#x} is below the plugged {:#x}: unplugging is not \
-                     supported yet\n",
-                    requested,
-                    g.plugged
-                );
+            if self.config_changed.swap(false, Ordering::AcqRel) && !self.refresh(&mut g) {
+                return;
             }
-            return;
-        }
-        if requested == g.plugged || g.nacked_at == Some(requested) {
-            return;
-        }
 
-        let diff = requested - g.plugged;
-        let (mut g, result) = self.plug(g, diff);
+            // Blocks emptied earlier whose removal failed: try again.
+            let (ng, removed_all) = self.remove_empty_blocks(g);
+            g = ng;
+
+            let requested = g.sizes.requested;
+            let (ng, result) = if requested > g.plugged && g.nacked_at != Some(requested) {
+                let diff = requested - g.plugged;
+                self.plug(g, diff)
+            } else if requested < g.plugged {
+                let diff = g.plugged - requested;
+                self.unplug(g, diff)
+            } else {
+                (g, Ok(()))
+            };
+            g = ng;
+            match result {
+                Err(Stop::Again) => continue,
+                Ok(()) if !removed_all => break Err(Stop::RetryLater),
+                r => break r,
+            }
+        };
+
+        let requested = g.sizes.requested;
+        if g.plugged != start_plugged {
+            dev_info!(
+                self.dev,
+                "plugged {:#x} of requested {:#x}\n",
+                g.plugged,
+                requested
+            );
+        }
         match result {
-            Ok(()) => {
-                g.retry_ms = RETRY_MIN_MS;
-                dev_info!(
-                    self.dev,
-                    "plugged {:#x} of requested {:#x}\n",
-                    g.plugged,
-                    requested
-                );
-            }
+            Ok(()) | Err(Stop::Again) => g.backoff.reset(),
             Err(Stop::Nack) => {
                 g.nacked_at = Some(requested);
                 dev_warn!(
@@ -285,7 +331,12 @@ impl VirtioMem {
                     requested
                 );
             }
-            Err(Stop::RetryLater) => self.retry_later(&mut g),
+            Err(Stop::RetryLater) => {
+                if g.plugged != start_plugged {
+                    g.backoff.reset();
+                }
+                self.retry_later(&mut g)
+            }
             Err(Stop::WaitForOnline) => {
                 dev_dbg!(self.dev, "waiting for added memory to be onlined\n");
             }
@@ -338,11 +389,29 @@ impl VirtioMem {
         true
     }
 
+    /// Schedules the next round after a failed one (see `retry.rs`).
     fn retry_later(&self, g: &mut Inner) {
-        let delay = g.retry_ms;
-        g.retry_ms = g.retry_ms.saturating_mul(2).min(RETRY_MAX_MS);
-        dev_dbg!(self.dev, "retrying in {} ms\n", delay);
-        self.glue.queue_work(delay);
+        let r = g.backoff.failed();
+        if r.failed_rounds > 1 {
+            dev_info!(
+                self.dev,
+                "still {:#x} plugged of requested {:#x} after {} tries; next try in {} s\n",
+                g.plugged,
+                g.sizes.requested,
+                r.failed_rounds,
+                r.delay_ms / 1000
+            );
+        }
+        // Now and then (rounds 2, 4, 8, ...) say what holds the memory.
+        if r.failed_rounds.is_power_of_two() && r.failed_rounds > 1 {
+            if let Some((pfn, nr)) = g.last_busy {
+                self.glue.explain_busy(pfn, nr);
+            }
+        }
+        if r.drop_slab && g.plugged > g.sizes.requested && glue::drop_slab() {
+            dev_dbg!(self.dev, "dropped reclaimable slab objects\n");
+        }
+        self.glue.queue_work(r.delay_ms);
     }
 
     fn mark_broken(&self, g: &mut Inner, ty: RequestType, resp: Option<Response>) {
@@ -464,6 +533,9 @@ impl VirtioMem {
         let sb_size = self.geo.subblock_size;
         let target = g.plugged + diff;
         loop {
+            if self.config_changed.load(Ordering::Acquire) {
+                return (g, Err(Stop::Again));
+            }
             let nb_sb = ((target - g.plugged) >> self.geo.sb_shift()) as usize;
             if nb_sb == 0 {
                 return (g, Ok(()));
@@ -528,6 +600,195 @@ impl VirtioMem {
                     }
                 }
             }
+        }
+    }
+
+    /// Unplugs `diff` bytes: offline blocks first (nothing to migrate), then online ones
+    /// (if `unplug_online`), in the C driver's order. Drops and retakes the lock to remove
+    /// emptied blocks.
+    fn unplug<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Inner>,
+        diff: u64,
+    ) -> (MutexGuard<'a, Inner>, Result<(), Stop>) {
+        let sb_shift = self.geo.sb_shift();
+        let target = g.plugged - diff;
+        // Only what this round could not free is worth explaining.
+        g.last_busy = None;
+        let Mode::Sbm(sbm) = &g.mode;
+        let Ok(mut tried) = KVec::from_elem(false, sbm.nr_mbs(), GFP_KERNEL) else {
+            return (g, Err(Stop::RetryLater));
+        };
+        // A block left with nothing plugged could not be removed: retry it later.
+        let mut removal_failed = false;
+        loop {
+            if self.config_changed.load(Ordering::Acquire) {
+                return (g, Err(Stop::Again));
+            }
+            let nb_sb = ((g.plugged - target) >> sb_shift) as usize;
+            let Mode::Sbm(sbm) = &g.mode;
+            let step = sbm.next_unplug(nb_sb, glue::unplug_online(), |mb| tried[mb]);
+            let Some(step) = step else {
+                // Nothing more to try this round; what is left waits for the next one.
+                let left = nb_sb > 0 || removal_failed;
+                return (g, if left { Err(Stop::RetryLater) } else { Ok(()) });
+            };
+            let mb = match step {
+                UnplugStep::Offline { mb, first, count } => {
+                    let (done, res) =
+                        self.request_sbs(&mut g, RequestType::Unplug, mb, first, count);
+                    g.plugged -= (done as u64) << sb_shift;
+                    let Mode::Sbm(sbm) = &mut g.mode;
+                    sbm.unplugged(mb, first, done);
+                    if let Err(stop) = res {
+                        return (g, Err(unplug_stop(stop)));
+                    }
+                    mb
+                }
+                UnplugStep::Online { mb } => {
+                    let Mode::Sbm(sbm) = &g.mode;
+                    let mut cursor = OnlineCursor::new(sbm);
+                    loop {
+                        let nb_sb = ((g.plugged - target) >> sb_shift) as usize;
+                        let Mode::Sbm(sbm) = &g.mode;
+                        let Some((first, count)) = cursor.next(sbm, mb, nb_sb) else {
+                            break;
+                        };
+                        match self.unplug_online(&mut g, mb, first, count) {
+                            // Busy: smaller runs of it come next.
+                            Ok(()) | Err(Stop::RetryLater) => {}
+                            Err(stop) => return (g, Err(stop)),
+                        }
+                    }
+                    tried[mb] = true;
+                    mb
+                }
+            };
+            let Mode::Sbm(sbm) = &g.mode;
+            if sbm.plugged(mb, 0, sbm.sbs_per_mb()) == Plugged::None {
+                let (ng, removed) = self.remove_block(g, mb);
+                g = ng;
+                removal_failed |= !removed;
+                tried[mb] = true;
+            }
+        }
+    }
+
+    /// Gives back subblocks `first .. first + count` of online block `mb`: fake-offline
+    /// them, then UNPLUG. Pages return to the kernel only if the device surely kept them
+    /// (NACK, BUSY); after ERROR or no valid answer they stay fake-offline.
+    fn unplug_online(
+        &self,
+        g: &mut Inner,
+        mb: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<(), Stop> {
+        let pfn = self.sb_pfn(mb, first);
+        let nr = self.sb_pages(count);
+        if let Err(stop) = self.fake_offline(pfn, nr) {
+            if matches!(stop, Stop::RetryLater) {
+                g.last_busy = Some((pfn, nr));
+            }
+            return Err(stop);
+        }
+        let (done, res) = self.request_sbs(g, RequestType::Unplug, mb, first, count);
+        let sb_shift = self.geo.sb_shift();
+        g.plugged -= (done as u64) << sb_shift;
+        let Mode::Sbm(sbm) = &mut g.mode;
+        sbm.unplugged(mb, first, done);
+        match res {
+            Ok(()) => Ok(()),
+            Err(Stop::Broken) => {
+                dev_err!(
+                    self.dev,
+                    "{:#x}..{:#x} stays fake-offline: its state in the device is unknown\n",
+                    self.geo.sb_addr(mb, first + done),
+                    self.geo.sb_addr(mb, first + count) - 1
+                );
+                Err(Stop::Broken)
+            }
+            Err(stop) => {
+                // Still plugged for certain: back to the kernel.
+                pages::fake_online(self.sb_pfn(mb, first + done), self.sb_pages(count - done));
+                Err(unplug_stop(stop))
+            }
+        }
+    }
+
+    /// Takes plugged online pages from the kernel, with a few tries on ZONE_MOVABLE.
+    /// `RetryLater` if they cannot be freed now, `Again` if the config changed meanwhile.
+    fn fake_offline(&self, pfn: u64, nr: u64) -> Result<(), Stop> {
+        let tries = if pages::is_movable(pfn) {
+            FAKE_OFFLINE_TRIES_MOVABLE
+        } else {
+            1
+        };
+        for _ in 0..tries {
+            if self.config_changed.load(Ordering::Acquire) {
+                return Err(Stop::Again);
+            }
+            match pages::fake_offline(pfn, nr) {
+                Ok(()) => return Ok(()),
+                Err(e) if e == ENOMEM => return Err(Stop::RetryLater),
+                Err(_) => continue,
+            }
+        }
+        dev_dbg!(
+            self.dev,
+            "pfn {:#x}..{:#x} is busy: cannot unplug it now\n",
+            pfn,
+            pfn + nr - 1
+        );
+        Err(Stop::RetryLater)
+    }
+
+    /// Offlines and removes memory block `mb`, which has nothing plugged any more. Drops
+    /// the lock meanwhile. `false` if that failed (it is tried again later).
+    fn remove_block<'a>(
+        &'a self,
+        g: MutexGuard<'a, Inner>,
+        mb: usize,
+    ) -> (MutexGuard<'a, Inner>, bool) {
+        let addr = self.geo.mb_addr(mb);
+        let size = self.geo.memory_block_size;
+        drop(g);
+        let res = glue::offline_and_remove(addr, size);
+        let mut g = self.inner.lock();
+        match res {
+            Ok(()) => {
+                let Mode::Sbm(sbm) = &mut g.mode;
+                sbm.removed(mb);
+                (g, true)
+            }
+            Err(e) => {
+                dev_dbg!(
+                    self.dev,
+                    "removing memory block {:#x} failed ({:?}); will retry\n",
+                    addr,
+                    e
+                );
+                (g, false)
+            }
+        }
+    }
+
+    /// Tries to remove every added block with nothing plugged. `true` if none is left.
+    fn remove_empty_blocks<'a>(
+        &'a self,
+        mut g: MutexGuard<'a, Inner>,
+    ) -> (MutexGuard<'a, Inner>, bool) {
+        let mut all = true;
+        let mut from = 0;
+        loop {
+            let Mode::Sbm(sbm) = &g.mode;
+            let Some(mb) = (from..sbm.nr_mbs()).find(|&mb| sbm.is_empty_added(mb)) else {
+                return (g, all);
+            };
+            from = mb + 1;
+            let (ng, removed) = self.remove_block(g, mb);
+            g = ng;
+            all &= removed;
         }
     }
 

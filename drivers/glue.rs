@@ -65,6 +65,12 @@ extern "C" {
     fn vmr_glue_fake_online(pfn: c_ulong, nr_pages: c_ulong);
     fn vmr_glue_going_offline(pfn: c_ulong, nr_pages: c_ulong);
     fn vmr_glue_cancel_offline(pfn: c_ulong, nr_pages: c_ulong);
+    fn vmr_glue_fake_offline(pfn: c_ulong, nr_pages: c_ulong) -> c_int;
+    fn vmr_glue_is_movable(pfn: c_ulong) -> bool;
+    fn vmr_glue_explain_busy(glue: *mut RawGlue, pfn: c_ulong, nr_pages: c_ulong);
+    fn vmr_glue_offline_and_remove(addr: u64, size: u64) -> c_int;
+    fn vmr_glue_drop_slab() -> bool;
+    fn vmr_glue_unplug_online() -> bool;
     fn vmr_glue_register_driver() -> c_int;
     fn vmr_glue_unregister_driver();
 }
@@ -82,6 +88,26 @@ pub(crate) fn register_driver() -> Result {
 pub(crate) fn unregister_driver() {
     // SAFETY: called once from module exit, after a successful `register_driver`.
     unsafe { vmr_glue_unregister_driver() }
+}
+
+/// The `unplug_online` module parameter: whether online memory may be unplugged.
+pub(crate) fn unplug_online() -> bool {
+    // SAFETY: reads a module parameter.
+    unsafe { vmr_glue_unplug_online() }
+}
+
+/// Frees reclaimable slab objects. `false` when built as a module, where `drop_slab` is
+/// not available.
+pub(crate) fn drop_slab() -> bool {
+    // SAFETY: no precondition; may sleep, and the worker may.
+    unsafe { vmr_glue_drop_slab() }
+}
+
+/// Offlines (if online) and removes `[addr, addr + size)` from Linux. Must not be called
+/// with the device's mutex held: offlining calls the memory notifier, which takes it.
+pub(crate) fn offline_and_remove(addr: u64, size: u64) -> Result {
+    // SAFETY: no precondition beyond the locking above.
+    to_result(unsafe { vmr_glue_offline_and_remove(addr, size) })
 }
 
 /// The kernel's page size, memory block size, pageblock size and pluggable range.
@@ -140,6 +166,13 @@ impl Glue {
         to_result(rc.min(0))
     }
 
+    /// Logs what keeps pages `pfn .. pfn + nr` from being freed.
+    pub(crate) fn explain_busy(self, pfn: u64, nr: u64) {
+        // SAFETY: `self.0` is live (type invariant); the caller passes pages of an online
+        // block of the device (they have a memmap).
+        unsafe { vmr_glue_explain_busy(self.0.as_ptr(), pfn as c_ulong, nr as c_ulong) }
+    }
+
     /// Adds `[addr, addr + size)` to Linux as driver-managed "System RAM (virtio_mem)" in
     /// the device's memory group. Must not be called with the device's mutex held: onlining
     /// (which may happen right away) takes it.
@@ -169,6 +202,20 @@ pub(crate) mod pages {
     pub(crate) fn fake_online(pfn: u64, nr: u64) {
         // SAFETY: the caller passes fake-offline pages of an online block it just plugged.
         unsafe { vmr_glue_fake_online(pfn as c_ulong, nr as c_ulong) }
+    }
+
+    /// One try to take plugged online pages from the kernel (`alloc_contig_range`), mark
+    /// them PageOffline and drop them from the managed page count. `EBUSY` if some page
+    /// could not be moved.
+    pub(crate) fn fake_offline(pfn: u64, nr: u64) -> Result {
+        // SAFETY: the caller passes plugged pages of an online block of its region.
+        to_result(unsafe { vmr_glue_fake_offline(pfn as c_ulong, nr as c_ulong) })
+    }
+
+    /// Whether the page is in ZONE_MOVABLE.
+    pub(crate) fn is_movable(pfn: u64) -> bool {
+        // SAFETY: the caller passes a page of an online block.
+        unsafe { vmr_glue_is_movable(pfn as c_ulong) }
     }
 
     /// MEM_GOING_OFFLINE: drops our references to fake-offline pages.

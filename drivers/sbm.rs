@@ -96,6 +96,65 @@ pub(crate) enum PlugStep {
     New { mb: usize, count: usize },
 }
 
+/// The next thing to unplug.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum UnplugStep {
+    /// Unplug plugged subblocks `first .. first + count` of an offline block: nothing to
+    /// migrate.
+    Offline {
+        mb: usize,
+        first: usize,
+        count: usize,
+    },
+    /// Give back up to `nb_sb` subblocks of an online block: fake-offline (migrating what
+    /// is there), then unplug; see [`OnlineCursor`].
+    Online { mb: usize },
+}
+
+/// Walks the runs of an online block to give back: the whole block first, then aligned
+/// halves, quarters and so on down to single subblocks, highest address first at each
+/// size, fully plugged runs of at most `nb_sb` subblocks only. A run that cannot be freed
+/// leaves its smaller parts to be tried after it; no run is offered twice. The cursor
+/// holds no borrow, so the block may change between two calls.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OnlineCursor {
+    size: usize,
+    index: usize,
+}
+
+impl OnlineCursor {
+    pub(crate) fn new<W: DerefMut<Target = [u64]>>(sbm: &Sbm<W>) -> Self {
+        let n = sbm.sbs_per_mb;
+        let size = if n.is_power_of_two() { n } else { 1 };
+        Self {
+            size,
+            index: n / size,
+        }
+    }
+
+    /// The next run (first, count) of block `mb` to try.
+    pub(crate) fn next<W: DerefMut<Target = [u64]>>(
+        &mut self,
+        sbm: &Sbm<W>,
+        mb: usize,
+        nb_sb: usize,
+    ) -> Option<(usize, usize)> {
+        while self.size > 0 {
+            if self.index == 0 {
+                self.size /= 2;
+                self.index = sbm.sbs_per_mb.checked_div(self.size).unwrap_or(0);
+                continue;
+            }
+            self.index -= 1;
+            let first = self.index * self.size;
+            if self.size <= nb_sb && sbm.plugged(mb, first, self.size) == Plugged::All {
+                return Some((first, self.size));
+            }
+        }
+        None
+    }
+}
+
 /// Whether a range of subblocks is plugged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Plugged {
@@ -141,6 +200,14 @@ impl<W: DerefMut<Target = [u64]>> Sbm<W> {
             words_per_mb,
             usable_mbs: 0,
         })
+    }
+
+    pub(crate) fn nr_mbs(&self) -> usize {
+        self.nr_mbs
+    }
+
+    pub(crate) fn sbs_per_mb(&self) -> usize {
+        self.sbs_per_mb
     }
 
     /// The usable region now covers memory blocks `0 .. usable_mbs`.
@@ -298,6 +365,103 @@ impl<W: DerefMut<Target = [u64]>> Sbm<W> {
         } else {
             self.set_state(mb, MbState::Plugged);
         }
+    }
+
+    /// Picks the block to unplug from next, in the C driver's order: offline-partial,
+    /// offline, movable-partial, kernel-partial, movable, kernel; highest address first.
+    /// Online blocks only if `online_too` (the `unplug_online` parameter). Blocks in
+    /// `skip` (already tried this round) are passed over.
+    pub(crate) fn next_unplug(
+        &self,
+        nb_sb: usize,
+        online_too: bool,
+        skip: impl Fn(usize) -> bool,
+    ) -> Option<UnplugStep> {
+        if nb_sb == 0 {
+            return None;
+        }
+        let order = [
+            MbState::OfflinePartial,
+            MbState::Offline,
+            MbState::MovablePartial,
+            MbState::KernelPartial,
+            MbState::Movable,
+            MbState::Kernel,
+        ];
+        for want in order {
+            if want.is_online() && !online_too {
+                break;
+            }
+            for mb in (0..self.nr_mbs).rev() {
+                if self.state(mb) != want || self.in_transition(mb) || skip(mb) {
+                    continue;
+                }
+                if !want.is_online() {
+                    // Highest plugged run first.
+                    if let Some((first, count)) = self.plugged_runs_rev(mb).next() {
+                        // The top of the run.
+                        let take = count.min(nb_sb);
+                        return Some(UnplugStep::Offline {
+                            mb,
+                            first: first + count - take,
+                            count: take,
+                        });
+                    }
+                    continue;
+                }
+                if self.plugged(mb, 0, self.sbs_per_mb) != Plugged::None {
+                    return Some(UnplugStep::Online { mb });
+                }
+            }
+        }
+        None
+    }
+
+    /// Runs (first, count) of plugged subblocks of block `mb`, highest first.
+    fn plugged_runs_rev(&self, mb: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let mut end = self.sbs_per_mb;
+        core::iter::from_fn(move || {
+            while end > 0 && !self.bit(mb, end - 1) {
+                end -= 1;
+            }
+            if end == 0 {
+                return None;
+            }
+            let last = end;
+            while end > 0 && self.bit(mb, end - 1) {
+                end -= 1;
+            }
+            Some((end, last - end))
+        })
+    }
+
+    /// Subblocks `first .. first + count` of block `mb` were unplugged. Returns whether
+    /// the block has no plugged subblock left (it can be removed).
+    pub(crate) fn unplugged(&mut self, mb: usize, first: usize, count: usize) -> bool {
+        self.set_bits(mb, first, count, false);
+        let partial = match self.state(mb) {
+            MbState::Offline => MbState::OfflinePartial,
+            MbState::Kernel => MbState::KernelPartial,
+            MbState::Movable => MbState::MovablePartial,
+            s => s,
+        };
+        self.set_state(mb, partial);
+        self.plugged(mb, 0, self.sbs_per_mb) == Plugged::None
+    }
+
+    /// Whether block `mb` is added with no plugged subblock left: it waits to be removed.
+    pub(crate) fn is_empty_added(&self, mb: usize) -> bool {
+        let s = self.state(mb);
+        s != MbState::Unused
+            && s != MbState::Plugged
+            && !self.in_transition(mb)
+            && self.plugged(mb, 0, self.sbs_per_mb) == Plugged::None
+    }
+
+    /// Block `mb` was removed from Linux.
+    pub(crate) fn removed(&mut self, mb: usize) {
+        self.set_bits(mb, 0, self.sbs_per_mb, false);
+        self.set_state(mb, MbState::Unused);
     }
 
     /// MEM_GOING_ONLINE: only blocks this driver added and that are offline may go online.

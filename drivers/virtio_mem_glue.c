@@ -63,6 +63,10 @@ struct vmr_glue {
 	void *rust;
 };
 
+static bool unplug_online = true;
+module_param(unplug_online, bool, 0644);
+MODULE_PARM_DESC(unplug_online, "Try to unplug online memory");
+
 /* ---- device list and the online page callback --------------------------------------- */
 
 static DEFINE_MUTEX(vmr_devices_mutex);
@@ -426,6 +430,95 @@ void vmr_glue_fake_online(unsigned long pfn, unsigned long nr_pages)
 			adjust_managed_page_count(page, 1L << order);
 		}
 	}
+}
+
+/*
+ * One try to take plugged, online pages away from the kernel: allocate them (migrating
+ * what is there), mark them PageOffline and drop them from the managed page count.
+ * Returns 0, -EBUSY (something could not move), -ENOMEM or another error.
+ */
+int vmr_glue_fake_offline(unsigned long pfn, unsigned long nr_pages)
+{
+	unsigned long i;
+	int rc;
+
+	rc = alloc_contig_range(pfn, pfn + nr_pages, ACR_FLAGS_NONE, GFP_KERNEL);
+	if (rc)
+		return rc;
+	page_offline_begin();
+	for (i = 0; i < nr_pages; i++)
+		__SetPageOffline(pfn_to_page(pfn + i));
+	page_offline_end();
+	adjust_managed_page_count(pfn_to_page(pfn), -(long)nr_pages);
+	return 0;
+}
+
+/*
+ * Says in the log what keeps [pfn, pfn + nr_pages) from being freed: the first page that
+ * is in use, not on an LRU list (movable) and not ours, with dump_page() for details.
+ */
+void vmr_glue_explain_busy(struct vmr_glue *glue, unsigned long pfn, unsigned long nr_pages)
+{
+	unsigned long i;
+
+	for (i = 0; i < nr_pages; i++) {
+		struct page *page = pfn_to_page(pfn + i);
+		struct folio *folio;
+		const char *kind;
+
+		if (PageBuddy(page) || PageOffline(page))
+			continue;
+		folio = page_folio(page);
+		if (folio_test_lru(folio) || !folio_ref_count(folio))
+			continue;
+		if (folio_test_slab(folio))
+			kind = "a slab page";
+		else if (PageTable(page))
+			kind = "a page table";
+		else if (PageReserved(page))
+			kind = "a reserved page";
+		else if (folio_test_large_kmalloc(folio))
+			kind = "a large kmalloc";
+		else if (folio_mapped(folio))
+			kind = "a mapped page not on an LRU list";
+		else
+			kind = "a kernel allocation (e.g. a kernel stack)";
+		dev_info(&glue->vdev->dev, "pfn %#lx (%#llx) holds the memory: %s, refcount %d\n",
+			 pfn + i, (u64)PFN_PHYS(pfn + i), kind, folio_ref_count(folio));
+		dump_page(page, "virtio_mem_rust: keeps memory from being unplugged");
+		return;
+	}
+	dev_info(&glue->vdev->dev, "pfns %#lx..%#lx: nothing unmovable left; retrying\n",
+		 pfn, pfn + nr_pages - 1);
+}
+
+bool vmr_glue_is_movable(unsigned long pfn)
+{
+	return is_zone_movable_page(pfn_to_page(pfn));
+}
+
+int vmr_glue_offline_and_remove(u64 addr, u64 size)
+{
+	return offline_and_remove_memory(addr, size);
+}
+
+/*
+ * Frees reclaimable slab objects (dentries, inodes, ...) that may pin pages of memory to
+ * unplug. drop_slab() is not exported: only the built-in driver can call it.
+ */
+bool vmr_glue_drop_slab(void)
+{
+#ifdef MODULE
+	return false;
+#else
+	drop_slab();
+	return true;
+#endif
+}
+
+bool vmr_glue_unplug_online(void)
+{
+	return READ_ONCE(unplug_online);
 }
 
 /* Memory with fake-offline pages goes offline: drop our references so mm can skip them. */

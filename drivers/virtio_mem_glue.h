@@ -50,6 +50,12 @@ void vmr_glue_keep_fake_offline(unsigned long pfn, unsigned long nr_pages);
 void vmr_glue_fake_online(unsigned long pfn, unsigned long nr_pages);
 void vmr_glue_going_offline(unsigned long pfn, unsigned long nr_pages);
 void vmr_glue_cancel_offline(unsigned long pfn, unsigned long nr_pages);
+int vmr_glue_fake_offline(unsigned long pfn, unsigned long nr_pages);
+bool vmr_glue_is_movable(unsigned long pfn);
+void vmr_glue_explain_busy(struct vmr_glue *glue, unsigned long pfn, unsigned long nr_pages);
+int vmr_glue_offline_and_remove(u64 addr, u64 size);
+bool vmr_glue_drop_slab(void);
+bool vmr_glue_unplug_online(void);
 int vmr_glue_register_driver(void);
 void vmr_glue_unregister_driver(void);
 

@@ -8,7 +8,8 @@
 //!
 //! - [`config`]: the device's configuration, validated;
 //! - [`protocol`]: requests and responses;
-//! - [`sbm`]: Sub Block Mode bookkeeping and plug planning;
+//! - [`sbm`]: Sub Block Mode bookkeeping, plug and unplug planning;
+//! - [`retry`]: the retry schedule;
 //! - [`device`]: one device: the worker, the memory notifier, the online page callback;
 //! - [`glue`]: the only place that calls C (`virtio_mem_glue.c`).
 
@@ -18,6 +19,7 @@ mod config;
 mod device;
 mod glue;
 mod protocol;
+mod retry;
 mod sbm;
 
 module! {

@@ -204,7 +204,9 @@ class Vm:
         self._seq += 1
         tag = f"__VMR_{self._seq}_"
         self._buf = b""
-        self.ser.sendall(f"{cmd}; echo {tag}$?__\n".encode())
+        cmd = cmd.rstrip()
+        sep = " " if cmd.endswith("&") else "; "  # `&` already ends the command
+        self.ser.sendall(f"{cmd}{sep}echo {tag}$?__\n".encode())
         m = self._read_until(re.compile(re.escape(tag.encode()) + rb"(\d+)__"), timeout)
         # Output is everything the shell printed before the tag.
         out = m.string[:m.start()].decode(errors="replace").replace("\r", "")
