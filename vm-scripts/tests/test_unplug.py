@@ -145,3 +145,21 @@ def test_unbind_rebind(boot):
     assert "still plugged" in vm.dmesg()
     assert vm.memtotal() == base + GiB
     assert "alive" in vm.run("echo alive").splitlines()
+
+
+def test_shrink_offline_blocks(boot):
+    """Memory added but never onlined is unplugged without migration and its blocks
+    removed: nothing of the device is left in /proc/iomem or the memory block list."""
+    vm = boot(append="memhp_default_state=offline")
+    base = vm.memtotal()
+    blocks = vm.run("ls /sys/devices/system/memory | grep -c memory").strip()
+    vm.set_requested("512M")
+    vm.wait_size("512M")
+    assert vm.memtotal() == base
+    offline = vm.run("grep -l offline /sys/devices/system/memory/memory*/state | wc -l").strip()
+    assert int(offline) == 4
+    vm.set_requested(0)
+    vm.wait_size(0)
+    assert not [r for r in vm.iomem() if r[3] == "System RAM (virtio_mem)"]
+    assert vm.run("ls /sys/devices/system/memory | grep -c memory").strip() == blocks
+    assert vm.memtotal() == base
