@@ -2,7 +2,7 @@
 
 //! The Rust side of the C glue (`virtio_mem_glue.c`): the only place that calls C.
 //!
-//! The glue owns the C objects (the virtio device and its queue, the work item, the memory
+//! The glue owns the C objects (the virtio device and its queue, the worker thread, the memory
 //! notifier, the online page callback); the Rust state ([`VirtioMem`]) lives in an [`Arc`]
 //! whose raw pointer the glue keeps from probe to release.
 //!

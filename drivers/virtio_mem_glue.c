@@ -5,7 +5,7 @@
  * - the virtio driver (device and feature tables, probe/remove/config_changed, the
  *   virtqueue and the wait for a response, virtio_cread_le for the config);
  * - kernel callbacks that need a C object: the memory notifier, the global online page
- *   callback and its device list, the work item and its cancellation;
+ *   callback and its device list, the worker thread and its retry timer;
  * - page flag helpers (inline functions) and a few constants (macros).
  *
  * The ABI towards Rust is opaque pointers and scalars, declared once on the Rust side in
@@ -17,7 +17,9 @@
  */
 #include <linux/device.h>
 #include <linux/ioport.h>
+#include <linux/freezer.h>
 #include <linux/jiffies.h>
+#include <linux/kthread.h>
 #include <linux/memory.h>
 #include <linux/memory_hotplug.h>
 #include <linux/mm.h>
@@ -28,6 +30,7 @@
 #include <linux/rculist.h>
 #include <linux/scatterlist.h>
 #include <linux/slab.h>
+#include <linux/timer.h>
 #include <linux/virtio.h>
 #include <linux/virtio_config.h>
 #include <linux/wait.h>
@@ -47,8 +50,17 @@ struct vmr_glue {
 	/* A request whose buffers the device still owns (timed out): never reuse them. */
 	bool request_lost;
 
-	struct delayed_work work;
-	/* Set under removal_lock before cancelling the work: nothing queues it any more. */
+	/*
+	 * The worker: a freezable kthread of the device's own, created at probe, so that
+	 * (un)plugging never occupies a workqueue pool's worker. A busy pool spawns a new
+	 * kworker, whose stack then lands in the memory just added and pins it for good.
+	 * `kick` asks it to run; `retry_timer` kicks it after a delay.
+	 */
+	struct task_struct *thread;
+	wait_queue_head_t thread_wq;
+	bool kick;
+	struct timer_list retry_timer;
+	/* Set under removal_lock before stopping the worker: nothing kicks it any more. */
 	spinlock_t removal_lock;
 	bool removing;
 
@@ -227,14 +239,27 @@ int vmr_glue_request(struct vmr_glue *glue, u16 type, u64 addr, u16 nb_blocks,
 	return 0;
 }
 
-/* Queues the worker after delay_ms, unless the device is going away. */
+static void vmr_kick(struct vmr_glue *glue)
+{
+	WRITE_ONCE(glue->kick, true);
+	wake_up(&glue->thread_wq);
+}
+
+/*
+ * Runs the worker at once (delay_ms 0) or after delay_ms (replacing an earlier delay),
+ * unless the device is going away. Any context.
+ */
 void vmr_glue_queue_work(struct vmr_glue *glue, unsigned int delay_ms)
 {
 	unsigned long flags;
 
 	spin_lock_irqsave(&glue->removal_lock, flags);
-	if (!glue->removing)
-		mod_delayed_work(system_freezable_wq, &glue->work, msecs_to_jiffies(delay_ms));
+	if (!glue->removing) {
+		if (delay_ms)
+			mod_timer(&glue->retry_timer, jiffies + msecs_to_jiffies(delay_ms));
+		else
+			vmr_kick(glue);
+	}
 	spin_unlock_irqrestore(&glue->removal_lock, flags);
 }
 
@@ -548,11 +573,28 @@ static void vmr_vq_done(struct virtqueue *vq)
 	wake_up(&glue->host_resp);
 }
 
-static void vmr_work_fn(struct work_struct *work)
+static void vmr_retry_timer_fn(struct timer_list *t)
 {
-	struct vmr_glue *glue = container_of(to_delayed_work(work), struct vmr_glue, work);
+	struct vmr_glue *glue = timer_container_of(glue, t, retry_timer);
 
-	vmr_rs_work(glue->rust);
+	vmr_kick(glue);
+}
+
+static int vmr_thread_fn(void *data)
+{
+	struct vmr_glue *glue = data;
+
+	set_freezable();
+	while (!kthread_should_stop()) {
+		wait_event_freezable(glue->thread_wq,
+				     READ_ONCE(glue->kick) || kthread_should_stop());
+		if (kthread_should_stop())
+			break;
+		/* Cleared before the run: a kick during it makes another run. */
+		WRITE_ONCE(glue->kick, false);
+		vmr_rs_work(glue->rust);
+	}
+	return 0;
 }
 
 static int vmr_probe(struct virtio_device *vdev)
@@ -573,7 +615,8 @@ static int vmr_probe(struct virtio_device *vdev)
 	glue->vdev = vdev;
 	glue->mgid = -1;
 	init_waitqueue_head(&glue->host_resp);
-	INIT_DELAYED_WORK(&glue->work, vmr_work_fn);
+	init_waitqueue_head(&glue->thread_wq);
+	timer_setup(&glue->retry_timer, vmr_retry_timer_fn, 0);
 	spin_lock_init(&glue->removal_lock);
 	INIT_LIST_HEAD(&glue->next);
 	vdev->priv = glue;
@@ -587,6 +630,16 @@ static int vmr_probe(struct virtio_device *vdev)
 	rc = vmr_rs_probe(glue, &vdev->dev, &glue->rust);
 	if (rc)
 		goto out_reset;
+
+	glue->thread = kthread_run(vmr_thread_fn, glue, "vmem_rs/%s", dev_name(&vdev->dev));
+	if (IS_ERR(glue->thread)) {
+		rc = PTR_ERR(glue->thread);
+		dev_err(&vdev->dev, "cannot start the worker thread: %d\n", rc);
+		vmr_rs_remove(glue->rust);
+		vmr_glue_hotplug_exit(glue);
+		vmr_rs_release(glue->rust);
+		goto out_reset;
+	}
 
 	virtio_device_ready(vdev);
 	vmr_glue_queue_work(glue, 0);
@@ -611,7 +664,8 @@ static void vmr_remove(struct virtio_device *vdev)
 	spin_unlock_irq(&glue->removal_lock);
 	/* A worker waiting for the device wakes up and gives up. */
 	wake_up(&glue->host_resp);
-	cancel_delayed_work_sync(&glue->work);
+	timer_delete_sync(&glue->retry_timer);
+	kthread_stop(glue->thread);
 
 	vmr_rs_remove(glue->rust);
 	vmr_glue_hotplug_exit(glue);

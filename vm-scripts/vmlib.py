@@ -226,8 +226,9 @@ class Vm:
 
     def memtotal(self) -> int:
         """The guest's MemTotal in bytes."""
-        out = self.run("grep MemTotal /proc/meminfo")
-        return int(re.search(r"MemTotal:\s+(\d+) kB", out).group(1)) * 1024
+        # A tag of its own: a guest loop may print /proc/meminfo lines to the console too.
+        out = self.run("awk '/^MemTotal:/ { print \"VMR_MEMTOTAL_KB=\" $2 }' /proc/meminfo")
+        return int(re.search(r"VMR_MEMTOTAL_KB=(\d+)", out).group(1)) * 1024
 
     def device(self) -> dict:
         """QEMU's view of vm0 (query-memory-devices): size, requested-size, addr, ..."""
