@@ -11,10 +11,11 @@
 SHELL := /bin/bash
 CACHE := $(or $(VMR_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/virtio-mem-rust)
 PY := $(CACHE)/venv/bin/python
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup kernels initramfs demo bench test run check-style vm-tests clean
+.PHONY: setup kernels initramfs demo bench test run check-style host-tests vm-tests clean
 
 setup:
 	vm-scripts/setup
@@ -38,10 +39,14 @@ run: kernels initramfs
 check-style: kernels
 	vm-scripts/check-style
 
+# The driver's plain-core modules on the host: unit and property tests (cargo test).
+host-tests: setup
+	cd host-tests && CARGO_TARGET_DIR=$(CACHE)/host-tests-target cargo test --release --lib
+
 vm-tests: kernels initramfs
 	$(PY) -m pytest -v -rA vm-scripts/tests $(PYTEST_ARGS)
 
-test: check-style vm-tests
+test: check-style host-tests vm-tests
 
 clean:
 	rm -rf build

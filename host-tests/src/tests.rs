@@ -1,0 +1,423 @@
+// SPDX-License-Identifier: GPL-2.0
+
+use crate::config::{Geometry, Limits, RawConfig, Sizes};
+use crate::protocol::{split_run, BadResponse, Response, MAX_BLOCKS_PER_REQUEST};
+use crate::retry::{Backoff, DROP_SLAB_AFTER, MAX_MS, MIN_MS};
+use crate::sbm::{MbState, OnlineCursor, PlugStep, Plugged, Sbm, UnplugStep};
+use proptest::prelude::*;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+fn limits() -> Limits {
+    Limits {
+        page_size: 4096,
+        memory_block_size: 128 * MIB,
+        pageblock_size: 2 * MIB,
+        pluggable_start: 0,
+        pluggable_end: (1 << 46) - 1,
+    }
+}
+
+/// QEMU's device of the boot tests: 8 GiB at 4 GiB, 2 MiB blocks.
+fn qemu() -> RawConfig {
+    RawConfig {
+        block_size: 2 * MIB,
+        addr: 4 * GIB,
+        region_size: 8 * GIB,
+        usable_region_size: 8 * GIB,
+        plugged_size: 0,
+        requested_size: 0,
+        node_id: 0,
+    }
+}
+
+fn refused(raw: RawConfig, field: &str) {
+    let e = Geometry::new(&raw, &limits())
+        .and_then(|g| Sizes::new(&raw, &g))
+        .expect_err("accepted a bad config");
+    assert_eq!(e.field, field, "{e:?}");
+}
+
+#[test]
+fn hostile_configs_are_refused_naming_the_field() {
+    refused(
+        RawConfig {
+            block_size: 0,
+            ..qemu()
+        },
+        "block_size",
+    );
+    refused(
+        RawConfig {
+            block_size: 3 * MIB,
+            ..qemu()
+        },
+        "block_size",
+    );
+    // A power of two, but nothing in the region can be aligned to it: addr is the first to fail.
+    refused(
+        RawConfig {
+            block_size: 1 << 63,
+            ..qemu()
+        },
+        "addr",
+    );
+    refused(
+        RawConfig {
+            block_size: GIB,
+            ..qemu()
+        },
+        "block_size",
+    ); // needs Big Block Mode
+    refused(
+        RawConfig {
+            block_size: 16,
+            ..qemu()
+        },
+        "block_size",
+    ); // > 65535 blocks per subblock
+    refused(
+        RawConfig {
+            addr: 4 * GIB + MIB,
+            ..qemu()
+        },
+        "addr",
+    );
+    refused(
+        RawConfig {
+            addr: u64::MAX - GIB + 1,
+            region_size: 2 * GIB,
+            ..qemu()
+        },
+        "region_size",
+    );
+    refused(
+        RawConfig {
+            addr: 1 << 46,
+            ..qemu()
+        },
+        "region_size",
+    ); // beyond the pluggable range
+    refused(
+        RawConfig {
+            usable_region_size: 9 * GIB,
+            ..qemu()
+        },
+        "usable_region_size",
+    );
+    refused(
+        RawConfig {
+            usable_region_size: GIB,
+            requested_size: 2 * GIB,
+            ..qemu()
+        },
+        "requested_size",
+    );
+    refused(
+        RawConfig {
+            requested_size: GIB + MIB,
+            ..qemu()
+        },
+        "requested_size",
+    );
+    refused(
+        RawConfig {
+            plugged_size: 9 * GIB,
+            ..qemu()
+        },
+        "plugged_size",
+    );
+    refused(
+        RawConfig {
+            region_size: 64 * MIB,
+            ..qemu()
+        },
+        "region_size",
+    ); // no whole memory block
+    assert!(Geometry::new(&qemu(), &limits()).is_ok());
+}
+
+#[test]
+fn runtime_changes_of_fixed_fields_are_refused() {
+    let geo = Geometry::new(&qemu(), &limits()).unwrap();
+    assert_eq!(
+        Sizes::new(
+            &RawConfig {
+                block_size: 4 * MIB,
+                ..qemu()
+            },
+            &geo
+        )
+        .unwrap_err()
+        .field,
+        "block_size"
+    );
+    assert_eq!(
+        Sizes::new(
+            &RawConfig {
+                addr: 8 * GIB,
+                ..qemu()
+            },
+            &geo
+        )
+        .unwrap_err()
+        .field,
+        "addr"
+    );
+}
+
+#[test]
+fn responses_are_checked() {
+    assert_eq!(Response::parse(0, 10), Ok(Response::Ack));
+    assert_eq!(Response::parse(1, 2), Ok(Response::Nack));
+    assert_eq!(Response::parse(2, 10), Ok(Response::Busy));
+    assert_eq!(Response::parse(3, 10), Ok(Response::Error));
+    assert_eq!(Response::parse(0, 0), Err(BadResponse::Length(0)));
+    assert_eq!(Response::parse(0, 1), Err(BadResponse::Length(1)));
+    assert_eq!(Response::parse(0, 11), Err(BadResponse::Length(11)));
+    assert_eq!(Response::parse(0xffff, 10), Err(BadResponse::Type(0xffff)));
+    assert_eq!(Response::parse(4, 10), Err(BadResponse::Type(4)));
+}
+
+#[test]
+fn backoff_doubles_caps_resets_and_drops_slab() {
+    let mut b = Backoff::new();
+    let mut expect = MIN_MS;
+    for round in 1..=20u32 {
+        let r = b.failed();
+        assert_eq!(r.delay_ms, expect);
+        assert_eq!(r.failed_rounds, round);
+        assert_eq!(r.drop_slab, round >= DROP_SLAB_AFTER);
+        expect = (expect * 2).min(MAX_MS);
+    }
+    b.reset();
+    assert_eq!(b.failed().delay_ms, MIN_MS);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// Any config: never a panic; an accepted one keeps the geometry's invariants.
+    #[test]
+    fn any_config_is_safe(bs_shift in 0u32..64, bs_raw in any::<u64>(), use_raw in any::<bool>(),
+                          addr in any::<u64>(), region in any::<u64>(), usable in any::<u64>(),
+                          plugged in any::<u64>(), requested in any::<u64>()) {
+        let raw = RawConfig {
+            block_size: if use_raw { bs_raw } else { 1 << bs_shift },
+            addr, region_size: region, usable_region_size: usable,
+            plugged_size: plugged, requested_size: requested, node_id: 0,
+        };
+        if let Ok(g) = Geometry::new(&raw, &limits()) {
+            prop_assert!(g.device_block_size.is_power_of_two());
+            prop_assert!(g.device_block_size <= g.subblock_size && g.subblock_size < g.memory_block_size);
+            prop_assert!(g.nr_mbs >= 1);
+            let end = g.addr.checked_add(g.region_size).unwrap();
+            prop_assert!(g.mb_addr(0) >= g.addr);
+            prop_assert!(g.mb_addr(g.nr_mbs as usize - 1) + g.memory_block_size <= end);
+            if let Ok(s) = Sizes::new(&raw, &g) {
+                prop_assert!(s.requested <= s.usable && s.usable <= g.region_size);
+                prop_assert!(g.usable_mbs(s.usable) as u64 <= g.nr_mbs);
+            }
+        }
+    }
+
+    /// Requests cover a run exactly, in order, each within 16 bits and whole subblocks.
+    #[test]
+    fn split_requests_fit_16_bits(count in 0usize..100_000, bpsb_shift in 0u32..16) {
+        let bpsb = 1u64 << bpsb_shift;
+        let mut next = 0;
+        for (off, n) in split_run(count, bpsb) {
+            prop_assert_eq!(off, next);
+            prop_assert!(n >= 1);
+            prop_assert!(n as u64 * bpsb <= MAX_BLOCKS_PER_REQUEST);
+            next += n;
+        }
+        prop_assert_eq!(next, count);
+    }
+}
+
+/// A reference model: per memory block, whether it is added, online (zone) and which
+/// subblocks are plugged.
+#[derive(Clone, Debug)]
+enum Op {
+    /// The device wants `n` more subblocks: plug what the planner says (the device ACKs).
+    Plug(usize),
+    /// Adding the next new block fails.
+    AddFails,
+    /// Give back `n` subblocks; `busy` marks runs that cannot be fake-offlined.
+    Unplug(usize, u64),
+    /// Core mm onlines block `mb` (movable or not).
+    Online(usize, bool),
+    /// Core mm offlines block `mb`.
+    Offline(usize),
+    /// The usable region changes.
+    Usable(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (1usize..300).prop_map(Op::Plug),
+        Just(Op::AddFails),
+        ((1usize..300), any::<u64>()).prop_map(|(n, b)| Op::Unplug(n, b)),
+        ((0usize..8), any::<bool>()).prop_map(|(m, z)| Op::Online(m, z)),
+        (0usize..8).prop_map(Op::Offline),
+        (0usize..=8).prop_map(Op::Usable),
+    ]
+}
+
+const NR_MBS: usize = 8;
+const SBS: usize = 64;
+
+struct Model {
+    plugged: Vec<Vec<bool>>,
+    added: Vec<bool>,
+    online: Vec<bool>,
+    usable: usize,
+}
+
+fn check(sbm: &Sbm<Vec<u64>>, m: &Model) -> Result<(), TestCaseError> {
+    for mb in 0..NR_MBS {
+        let n = m.plugged[mb].iter().filter(|p| **p).count();
+        let want = match n {
+            0 => Plugged::None,
+            n if n == SBS => Plugged::All,
+            _ => Plugged::Mixed,
+        };
+        prop_assert_eq!(sbm.plugged(mb, 0, SBS), want, "block {}", mb);
+        for sb in 0..SBS {
+            let p = sbm.plugged(mb, sb, 1) == Plugged::All;
+            prop_assert_eq!(p, m.plugged[mb][sb], "block {} subblock {}", mb, sb);
+        }
+        let s = sbm.state(mb);
+        prop_assert_eq!(s.is_online(), m.online[mb], "block {} is {:?}", mb, s);
+        let added = !matches!(s, MbState::Unused | MbState::Plugged);
+        prop_assert_eq!(added, m.added[mb], "block {} is {:?}", mb, s);
+        let full = matches!(s, MbState::Offline | MbState::Kernel | MbState::Movable);
+        if added {
+            prop_assert_eq!(full, n == SBS, "block {} is {:?} with {} plugged", mb, s, n);
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+    /// Random sequences of resizes, add failures, busy memory, onlining and offlining: the
+    /// bookkeeping and the model never disagree, plugs stay inside the usable region and on
+    /// unplugged subblocks, unplugs on plugged ones, and a block is emptied before removal.
+    #[test]
+    fn bookkeeping_matches_the_model(ops in prop::collection::vec(op(), 1..40)) {
+        let words = Sbm::<Vec<u64>>::words_needed(NR_MBS, SBS).unwrap();
+        let mut sbm = Sbm::new(vec![0u64; words], NR_MBS, SBS).unwrap();
+        let mut m = Model {
+            plugged: vec![vec![false; SBS]; NR_MBS],
+            added: vec![false; NR_MBS],
+            online: vec![false; NR_MBS],
+            usable: NR_MBS,
+        };
+        sbm.set_usable_mbs(NR_MBS);
+        let mut add_fails = false;
+        for op in ops {
+            match op {
+                Op::Usable(u) => { sbm.set_usable_mbs(u); m.usable = u; }
+                Op::AddFails => add_fails = true,
+                Op::Plug(mut n) => {
+                    while let Some(step) = sbm.next_plug(n) {
+                        match step {
+                            PlugStep::Added { mb, first, count } => {
+                                prop_assert!(m.added[mb] && count >= 1 && count <= n);
+                                for sb in first..first + count {
+                                    prop_assert!(!m.plugged[mb][sb], "plugs a plugged subblock");
+                                    m.plugged[mb][sb] = true;
+                                }
+                                sbm.plugged_added(mb, first, count);
+                                n -= count;
+                            }
+                            PlugStep::New { mb, count } => {
+                                prop_assert!(!m.added[mb] && mb < m.usable, "new block {} outside usable {}", mb, m.usable);
+                                prop_assert!(m.plugged[mb].iter().all(|p| !p));
+                                prop_assert!(count >= 1 && count <= n.min(SBS));
+                                sbm.plugged_new(mb, count);
+                                if add_fails {
+                                    add_fails = false;
+                                    sbm.add_failed(mb, true);
+                                    break;
+                                }
+                                for sb in 0..count { m.plugged[mb][sb] = true; }
+                                m.added[mb] = true;
+                                n -= count;
+                            }
+                        }
+                        check(&sbm, &m)?;
+                    }
+                }
+                Op::Online(mb, movable) => {
+                    let r = sbm.going_online(mb);
+                    prop_assert_eq!(r.is_ok(), m.added[mb] && !m.online[mb]);
+                    if r.is_ok() {
+                        sbm.online(mb, movable).unwrap();
+                        m.online[mb] = true;
+                    }
+                }
+                Op::Offline(mb) => {
+                    let r = sbm.going_offline(mb);
+                    prop_assert_eq!(r.is_ok(), m.online[mb]);
+                    if r.is_ok() {
+                        sbm.offline(mb).unwrap();
+                        m.online[mb] = false;
+                    }
+                }
+                Op::Unplug(mut n, busy) => {
+                    let mut tried = [false; NR_MBS];
+                    while let Some(step) = sbm.next_unplug(n, true, |mb| tried[mb]) {
+                        let mb = match step {
+                            UnplugStep::Offline { mb, first, count } => {
+                                prop_assert!(m.added[mb] && !m.online[mb] && count >= 1 && count <= n);
+                                for sb in first..first + count {
+                                    prop_assert!(m.plugged[mb][sb], "unplugs an unplugged subblock");
+                                    m.plugged[mb][sb] = false;
+                                }
+                                sbm.unplugged(mb, first, count);
+                                n -= count;
+                                mb
+                            }
+                            UnplugStep::Online { mb } => {
+                                prop_assert!(m.online[mb]);
+                                let mut cur = OnlineCursor::new(&sbm);
+                                while let Some((first, count)) = cur.next(&sbm, mb, n) {
+                                    prop_assert!(count.is_power_of_two() && first % count == 0 && count <= n);
+                                    // A run is busy if its hash bit says so.
+                                    if busy >> ((mb * 7 + first) % 64) & 1 == 1 && count == 1 {
+                                        continue;
+                                    }
+                                    if busy >> ((mb * 13 + first + count) % 64) & 1 == 1 && count > 1 {
+                                        continue;
+                                    }
+                                    for sb in first..first + count {
+                                        prop_assert!(m.plugged[mb][sb], "unplugs an unplugged subblock");
+                                        m.plugged[mb][sb] = false;
+                                    }
+                                    sbm.unplugged(mb, first, count);
+                                    n -= count;
+                                }
+                                tried[mb] = true;
+                                mb
+                            }
+                        };
+                        if sbm.is_empty_added(mb) {
+                            prop_assert!(m.plugged[mb].iter().all(|p| !p), "removes a block with plugged subblocks");
+                            sbm.removed(mb);
+                            m.added[mb] = false;
+                            m.online[mb] = false;
+                            tried[mb] = true;
+                        }
+                        check(&sbm, &m)?;
+                    }
+                }
+            }
+            check(&sbm, &m)?;
+        }
+    }
+}
