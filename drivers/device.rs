@@ -240,26 +240,18 @@ impl VirtioMem {
     /// The glue has cancelled the worker already. `removing` is set last: until then the
     /// memory notifier must let this removal offline its own blocks.
     pub(crate) fn remove(&self) {
-        let mut g = self.inner.lock();
-        let mut from = 0;
-        loop {
-            let Mode::Sbm(sbm) = &g.mode;
-            let Some(mb) = (from..sbm.nr_mbs())
-                .find(|&mb| sbm.state(mb) == MbState::OfflinePartial || sbm.is_empty_added(mb))
-            else {
-                break;
-            };
-            from = mb + 1;
-            let (ng, removed) = self.remove_block(g, mb);
-            g = ng;
-            if !removed {
+        let g = self.inner.lock();
+        let (mut g, _) = self.remove_blocks(
+            g,
+            |sbm, mb| sbm.state(mb) == MbState::OfflinePartial || sbm.is_empty_added(mb),
+            |mb| {
                 dev_warn!(
                     self.dev,
                     "memory block {:#x} stays added after removal\n",
                     self.geo.mb_addr(mb)
-                );
-            }
-        }
+                )
+            },
+        );
         g.removing = true;
         if g.plugged != 0 {
             dev_warn!(self.dev, "removed with {:#x} still plugged\n", g.plugged);
@@ -491,8 +483,8 @@ impl VirtioMem {
     }
 
     /// Sends `ty` for subblocks `first .. first + count` of block `mb`, split into requests
-    /// the 16-bit block count can hold. Returns how many subblocks were done, and why it
-    /// stopped early.
+    /// the 16-bit block count can hold, and counts what the device ACKed in the plugged
+    /// size. Returns how many subblocks were done, and why it stopped early.
     fn request_sbs(
         &self,
         g: &mut Inner,
@@ -510,6 +502,12 @@ impl VirtioMem {
             let stop = match self.request(g, ty, addr, nb) {
                 Some(Response::Ack) => {
                     done += n;
+                    let bytes = (n as u64) << self.geo.sb_shift();
+                    match ty {
+                        RequestType::Plug => g.plugged += bytes,
+                        RequestType::Unplug => g.plugged -= bytes,
+                        RequestType::UnplugAll => g.plugged = 0,
+                    }
                     continue;
                 }
                 Some(Response::Nack) => Stop::Nack,
@@ -530,7 +528,6 @@ impl VirtioMem {
         mut g: MutexGuard<'a, Inner>,
         diff: u64,
     ) -> (MutexGuard<'a, Inner>, Result<(), Stop>) {
-        let sb_size = self.geo.subblock_size;
         let target = g.plugged + diff;
         loop {
             if self.config_changed.load(Ordering::Acquire) {
@@ -547,7 +544,6 @@ impl VirtioMem {
             match step {
                 PlugStep::Added { mb, first, count } => {
                     let (done, res) = self.request_sbs(&mut g, RequestType::Plug, mb, first, count);
-                    g.plugged += done as u64 * sb_size;
                     let Mode::Sbm(sbm) = &mut g.mode;
                     if done > 0 && sbm.plugged_added(mb, first, done) {
                         pages::fake_online(self.sb_pfn(mb, first), self.sb_pages(done));
@@ -565,7 +561,6 @@ impl VirtioMem {
                     if done == 0 {
                         return (g, res);
                     }
-                    g.plugged += done as u64 * sb_size;
                     let Mode::Sbm(sbm) = &mut g.mode;
                     sbm.plugged_new(mb, done);
 
@@ -585,7 +580,6 @@ impl VirtioMem {
                         );
                         let (undone, _) =
                             self.request_sbs(&mut g, RequestType::Unplug, mb, 0, done);
-                        g.plugged -= undone as u64 * sb_size;
                         let Mode::Sbm(sbm) = &mut g.mode;
                         sbm.add_failed(mb, undone == done);
                         let stop = if g.broken {
@@ -637,7 +631,6 @@ impl VirtioMem {
                 UnplugStep::Offline { mb, first, count } => {
                     let (done, res) =
                         self.request_sbs(&mut g, RequestType::Unplug, mb, first, count);
-                    g.plugged -= (done as u64) << sb_shift;
                     let Mode::Sbm(sbm) = &mut g.mode;
                     sbm.unplugged(mb, first, done);
                     if let Err(stop) = res {
@@ -693,8 +686,6 @@ impl VirtioMem {
             return Err(stop);
         }
         let (done, res) = self.request_sbs(g, RequestType::Unplug, mb, first, count);
-        let sb_shift = self.geo.sb_shift();
-        g.plugged -= (done as u64) << sb_shift;
         let Mode::Sbm(sbm) = &mut g.mode;
         sbm.unplugged(mb, first, done);
         match res {
@@ -773,23 +764,37 @@ impl VirtioMem {
         }
     }
 
-    /// Tries to remove every added block with nothing plugged. `true` if none is left.
-    fn remove_empty_blocks<'a>(
+    /// Removes every block for which `wanted` holds, lowest first; `on_failure` hears of
+    /// those that could not be removed. `true` if all were removed.
+    fn remove_blocks<'a>(
         &'a self,
         mut g: MutexGuard<'a, Inner>,
+        wanted: impl Fn(&Sbm<KVVec<u64>>, usize) -> bool,
+        on_failure: impl Fn(usize),
     ) -> (MutexGuard<'a, Inner>, bool) {
         let mut all = true;
         let mut from = 0;
         loop {
             let Mode::Sbm(sbm) = &g.mode;
-            let Some(mb) = (from..sbm.nr_mbs()).find(|&mb| sbm.is_empty_added(mb)) else {
+            let Some(mb) = (from..sbm.nr_mbs()).find(|&mb| wanted(sbm, mb)) else {
                 return (g, all);
             };
             from = mb + 1;
             let (ng, removed) = self.remove_block(g, mb);
             g = ng;
-            all &= removed;
+            if !removed {
+                on_failure(mb);
+                all = false;
+            }
         }
+    }
+
+    /// Tries to remove every added block with nothing plugged. `true` if none is left.
+    fn remove_empty_blocks<'a>(
+        &'a self,
+        g: MutexGuard<'a, Inner>,
+    ) -> (MutexGuard<'a, Inner>, bool) {
+        self.remove_blocks(g, |sbm, mb| sbm.is_empty_added(mb), |_| {})
     }
 
     /// Page frame number of subblock `sb` of block `mb`.
