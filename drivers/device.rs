@@ -13,8 +13,8 @@
 
 use crate::{
     config::{ConfigError, Geometry, Sizes},
-    glue::{self, pages, Channel, Glue},
-    protocol::{self, BadResponse, RequestType, Response},
+    platform::{Platform, Transport},
+    protocol::{self, BadResponse, RequestType, Response, RESPONSE_POISON, RESPONSE_SIZE},
     retry::Backoff,
     sbm::{MbState, OnlineCursor, PlugStep, Plugged, Sbm, UnplugStep},
 };
@@ -77,8 +77,10 @@ enum Stop {
     Broken,
 }
 
-struct Inner {
-    chan: Channel,
+struct Inner<T> {
+    chan: T,
+    /// The response buffer, poisoned before each request.
+    resp: [u8; RESPONSE_SIZE as usize],
     mode: Mode,
     /// The last valid sizes the device reported.
     sizes: Sizes,
@@ -96,11 +98,11 @@ struct Inner {
     last_busy: Option<(u64, u64)>,
 }
 
-/// One virtio-mem device.
+/// One virtio-mem device, on platform `P` (the glue, or a mock in the KUnit suites).
 #[pin_data]
-pub(crate) struct VirtioMem {
+pub(crate) struct VirtioMem<P: Platform> {
     dev: ARef<Device>,
-    glue: Glue,
+    platform: P,
     geo: Geometry,
     /// log2 of the page size.
     page_shift: u32,
@@ -109,7 +111,7 @@ pub(crate) struct VirtioMem {
     /// Set by the config change callback (any context), consumed by the worker.
     config_changed: AtomicBool,
     #[pin]
-    inner: Mutex<Inner>,
+    inner: Mutex<Inner<P::Transport>>,
 }
 
 /// How a stop while unplugging is handled: the device does not NACK an unplug, so a NACK
@@ -133,14 +135,14 @@ fn config_err(dev: &Device, e: ConfigError) -> Error {
     EINVAL
 }
 
-impl VirtioMem {
+impl<P: Platform> VirtioMem<P> {
     /// Reads and validates the config, allocates the state. Nothing is registered yet.
-    pub(crate) fn new(glue: Glue, mut chan: Channel, dev: ARef<Device>) -> Result<Arc<Self>> {
+    pub(crate) fn new(platform: P, mut chan: P::Transport, dev: ARef<Device>) -> Result<Arc<Self>> {
         let raw = chan.read_config();
-        let limits = glue::mm_limits();
+        let limits = platform.mm_limits();
         let geo = Geometry::new(&raw, &limits).map_err(|e| config_err(&dev, e))?;
         let sizes = Sizes::new(&raw, &geo).map_err(|e| config_err(&dev, e))?;
-        let nid = glue.node(raw.node_id, geo.addr);
+        let nid = platform.node(raw.node_id, geo.addr);
 
         let nr_mbs = usize::try_from(geo.nr_mbs).map_err(|_| ENOMEM)?;
         let sbs_per_mb = geo.sbs_per_mb() as usize;
@@ -162,7 +164,7 @@ impl VirtioMem {
             geo.subblock_size,
             geo.memory_block_size,
             nid,
-            if glue.has_acpi_pxm() {
+            if platform.has_acpi_pxm() {
                 " (ACPI PXM)"
             } else {
                 ""
@@ -183,7 +185,7 @@ impl VirtioMem {
         Arc::pin_init(
             try_pin_init!(Self {
                 dev,
-                glue,
+                platform,
                 geo,
                 page_shift: limits.page_size.trailing_zeros(),
                 nid,
@@ -192,6 +194,7 @@ impl VirtioMem {
                 inner <- new_mutex!(
                     Inner {
                         chan,
+                        resp: RESPONSE_POISON,
                         mode: Mode::Sbm(sbm),
                         sizes,
                         plugged: 0,
@@ -213,7 +216,7 @@ impl VirtioMem {
     /// Takes the region for Linux: resource, memory group, notifier, online page callback.
     pub(crate) fn start(&self) -> Result {
         let g = &self.geo;
-        self.glue
+        self.platform
             .hotplug_init(g.addr, g.region_size, self.nid, g.memory_block_size)
             .inspect_err(|e| {
                 dev_err!(
@@ -346,7 +349,7 @@ impl VirtioMem {
 
     /// Re-reads the config. `false` if it is invalid (logged; nothing is done until the
     /// next change).
-    fn refresh(&self, g: &mut Inner) -> bool {
+    fn refresh(&self, g: &mut Inner<P::Transport>) -> bool {
         let raw = g.chan.read_config();
         let sizes = match Sizes::new(&raw, &self.geo) {
             Ok(s) => s,
@@ -356,6 +359,22 @@ impl VirtioMem {
                 return false;
             }
         };
+        // The usable region may only shrink with UNPLUG_ALL, which leaves nothing plugged.
+        // Shrunk below plugged memory, it would leave that memory impossible to unplug
+        // (requests outside the usable region are invalid).
+        let Mode::Sbm(sbm) = &g.mode;
+        if let Some(end) = self.plugged_end(sbm) {
+            if sizes.usable < end - self.geo.addr {
+                dev_err!(
+                    self.dev,
+                    "invalid device config: usable_region_size = {:#x} shrank below plugged \
+                     memory (up to {:#x}) without UNPLUG_ALL; ignoring this config change\n",
+                    sizes.usable,
+                    end - 1
+                );
+                return false;
+            }
+        }
         if sizes.requested != g.sizes.requested {
             g.nacked_at = None;
         }
@@ -382,7 +401,7 @@ impl VirtioMem {
     }
 
     /// Schedules the next round after a failed one (see `retry.rs`).
-    fn retry_later(&self, g: &mut Inner) {
+    fn retry_later(&self, g: &mut Inner<P::Transport>) {
         let r = g.backoff.failed();
         if r.failed_rounds > 1 {
             dev_info!(
@@ -397,16 +416,16 @@ impl VirtioMem {
         // Now and then (rounds 2, 4, 8, ...) say what holds the memory.
         if r.failed_rounds.is_power_of_two() && r.failed_rounds > 1 {
             if let Some((pfn, nr)) = g.last_busy {
-                self.glue.explain_busy(pfn, nr);
+                self.platform.explain_busy(pfn, nr);
             }
         }
-        if r.drop_slab && g.plugged > g.sizes.requested && glue::drop_slab() {
+        if r.drop_slab && g.plugged > g.sizes.requested && self.platform.drop_slab() {
             dev_dbg!(self.dev, "dropped reclaimable slab objects\n");
         }
-        self.glue.queue_work(r.delay_ms);
+        self.platform.queue_work(r.delay_ms);
     }
 
-    fn mark_broken(&self, g: &mut Inner, ty: RequestType, resp: Option<Response>) {
+    fn mark_broken(&self, g: &mut Inner<P::Transport>, ty: RequestType, resp: Option<Response>) {
         if let Some(r) = resp {
             dev_err!(
                 self.dev,
@@ -422,16 +441,17 @@ impl VirtioMem {
     /// something invalid (logged): its state is then unknown.
     fn request(
         &self,
-        g: &mut Inner,
+        g: &mut Inner<P::Transport>,
         ty: RequestType,
         addr: u64,
         nb_blocks: u16,
     ) -> Option<Response> {
-        let raw = match g
-            .chan
-            .request(ty as u16, addr, nb_blocks, REQUEST_TIMEOUT_MS)
-        {
-            Ok(raw) => raw,
+        let req = protocol::encode_request(ty, addr, nb_blocks);
+        let Inner { chan, resp, .. } = g;
+        // Whatever the device leaves unwritten, or left from an earlier answer, is invalid.
+        *resp = RESPONSE_POISON;
+        let used_len = match chan.request(&req, resp, REQUEST_TIMEOUT_MS) {
+            Ok(len) => len,
             Err(e) if e == ETIMEDOUT => {
                 dev_err!(
                     self.dev,
@@ -455,7 +475,7 @@ impl VirtioMem {
                 return None;
             }
         };
-        match Response::parse(raw.ty, raw.used_len) {
+        match Response::decode(&g.resp, used_len) {
             Ok(r) => Some(r),
             Err(BadResponse::Length(len)) => {
                 dev_err!(
@@ -487,7 +507,7 @@ impl VirtioMem {
     /// size. Returns how many subblocks were done, and why it stopped early.
     fn request_sbs(
         &self,
-        g: &mut Inner,
+        g: &mut Inner<P::Transport>,
         ty: RequestType,
         mb: usize,
         first: usize,
@@ -525,9 +545,9 @@ impl VirtioMem {
     /// Plugs `diff` bytes. Drops and retakes the lock around adding memory.
     fn plug<'a>(
         &'a self,
-        mut g: MutexGuard<'a, Inner>,
+        mut g: MutexGuard<'a, Inner<P::Transport>>,
         diff: u64,
-    ) -> (MutexGuard<'a, Inner>, Result<(), Stop>) {
+    ) -> (MutexGuard<'a, Inner<P::Transport>>, Result<(), Stop>) {
         let target = g.plugged + diff;
         loop {
             if self.config_changed.load(Ordering::Acquire) {
@@ -546,7 +566,8 @@ impl VirtioMem {
                     let (done, res) = self.request_sbs(&mut g, RequestType::Plug, mb, first, count);
                     let Mode::Sbm(sbm) = &mut g.mode;
                     if done > 0 && sbm.plugged_added(mb, first, done) {
-                        pages::fake_online(self.sb_pfn(mb, first), self.sb_pages(done));
+                        self.platform
+                            .fake_online(self.sb_pfn(mb, first), self.sb_pages(done));
                     }
                     if let Err(stop) = res {
                         return (g, Err(stop));
@@ -567,7 +588,7 @@ impl VirtioMem {
                     let addr = self.geo.mb_addr(mb);
                     let size = self.geo.memory_block_size;
                     drop(g);
-                    let added = self.glue.add_memory(addr, size);
+                    let added = self.platform.add_memory(addr, size);
                     g = self.inner.lock();
 
                     if let Err(e) = added {
@@ -602,9 +623,9 @@ impl VirtioMem {
     /// emptied blocks.
     fn unplug<'a>(
         &'a self,
-        mut g: MutexGuard<'a, Inner>,
+        mut g: MutexGuard<'a, Inner<P::Transport>>,
         diff: u64,
-    ) -> (MutexGuard<'a, Inner>, Result<(), Stop>) {
+    ) -> (MutexGuard<'a, Inner<P::Transport>>, Result<(), Stop>) {
         let sb_shift = self.geo.sb_shift();
         let target = g.plugged - diff;
         // Only what this round could not free is worth explaining.
@@ -621,7 +642,7 @@ impl VirtioMem {
             }
             let nb_sb = ((g.plugged - target) >> sb_shift) as usize;
             let Mode::Sbm(sbm) = &g.mode;
-            let step = sbm.next_unplug(nb_sb, glue::unplug_online(), |mb| tried[mb]);
+            let step = sbm.next_unplug(nb_sb, self.platform.unplug_online(), |mb| tried[mb]);
             let Some(step) = step else {
                 // Nothing more to try this round; what is left waits for the next one.
                 let left = nb_sb > 0 || removal_failed;
@@ -672,7 +693,7 @@ impl VirtioMem {
     /// (NACK, BUSY); after ERROR or no valid answer they stay fake-offline.
     fn unplug_online(
         &self,
-        g: &mut Inner,
+        g: &mut Inner<P::Transport>,
         mb: usize,
         first: usize,
         count: usize,
@@ -701,7 +722,8 @@ impl VirtioMem {
             }
             Err(stop) => {
                 // Still plugged for certain: back to the kernel.
-                pages::fake_online(self.sb_pfn(mb, first + done), self.sb_pages(count - done));
+                self.platform
+                    .fake_online(self.sb_pfn(mb, first + done), self.sb_pages(count - done));
                 Err(unplug_stop(stop))
             }
         }
@@ -710,7 +732,7 @@ impl VirtioMem {
     /// Takes plugged online pages from the kernel, with a few tries on ZONE_MOVABLE.
     /// `RetryLater` if they cannot be freed now, `Again` if the config changed meanwhile.
     fn fake_offline(&self, pfn: u64, nr: u64) -> Result<(), Stop> {
-        let tries = if pages::is_movable(pfn) {
+        let tries = if self.platform.is_movable(pfn) {
             FAKE_OFFLINE_TRIES_MOVABLE
         } else {
             1
@@ -719,7 +741,7 @@ impl VirtioMem {
             if self.config_changed.load(Ordering::Acquire) {
                 return Err(Stop::Again);
             }
-            match pages::fake_offline(pfn, nr) {
+            match self.platform.fake_offline(pfn, nr) {
                 Ok(()) => return Ok(()),
                 Err(e) if e == ENOMEM => return Err(Stop::RetryLater),
                 Err(_) => continue,
@@ -738,13 +760,13 @@ impl VirtioMem {
     /// the lock meanwhile. `false` if that failed (it is tried again later).
     fn remove_block<'a>(
         &'a self,
-        g: MutexGuard<'a, Inner>,
+        g: MutexGuard<'a, Inner<P::Transport>>,
         mb: usize,
-    ) -> (MutexGuard<'a, Inner>, bool) {
+    ) -> (MutexGuard<'a, Inner<P::Transport>>, bool) {
         let addr = self.geo.mb_addr(mb);
         let size = self.geo.memory_block_size;
         drop(g);
-        let res = glue::offline_and_remove(addr, size);
+        let res = self.platform.offline_and_remove(addr, size);
         let mut g = self.inner.lock();
         match res {
             Ok(()) => {
@@ -768,10 +790,10 @@ impl VirtioMem {
     /// those that could not be removed. `true` if all were removed.
     fn remove_blocks<'a>(
         &'a self,
-        mut g: MutexGuard<'a, Inner>,
+        mut g: MutexGuard<'a, Inner<P::Transport>>,
         wanted: impl Fn(&Sbm<KVVec<u64>>, usize) -> bool,
         on_failure: impl Fn(usize),
-    ) -> (MutexGuard<'a, Inner>, bool) {
+    ) -> (MutexGuard<'a, Inner<P::Transport>>, bool) {
         let mut all = true;
         let mut from = 0;
         loop {
@@ -792,9 +814,21 @@ impl VirtioMem {
     /// Tries to remove every added block with nothing plugged. `true` if none is left.
     fn remove_empty_blocks<'a>(
         &'a self,
-        g: MutexGuard<'a, Inner>,
-    ) -> (MutexGuard<'a, Inner>, bool) {
+        g: MutexGuard<'a, Inner<P::Transport>>,
+    ) -> (MutexGuard<'a, Inner<P::Transport>>, bool) {
         self.remove_blocks(g, |sbm, mb| sbm.is_empty_added(mb), |_| {})
+    }
+
+    /// The end address of the highest plugged subblock, if any is plugged.
+    fn plugged_end(&self, sbm: &Sbm<KVVec<u64>>) -> Option<u64> {
+        let sbs = sbm.sbs_per_mb();
+        let mb = (0..sbm.nr_mbs())
+            .rev()
+            .find(|&mb| sbm.plugged(mb, 0, sbs) != Plugged::None)?;
+        let sb = (0..sbs)
+            .rev()
+            .find(|&sb| sbm.plugged(mb, sb, 1) == Plugged::All)?;
+        Some(self.geo.sb_addr(mb, sb + 1))
     }
 
     /// Page frame number of subblock `sb` of block `mb`.
@@ -859,7 +893,7 @@ impl VirtioMem {
                 }
                 if g.waiting_for_online {
                     g.waiting_for_online = false;
-                    self.glue.queue_work(0);
+                    self.platform.queue_work(0);
                 }
             }
             MemEvent::CancelOnline => sbm.cancel_online(mb),
@@ -868,12 +902,14 @@ impl VirtioMem {
                     return refuse("offline", s);
                 }
                 for (first, count) in sbm.unplugged_runs(mb) {
-                    pages::going_offline(self.sb_pfn(mb, first), self.sb_pages(count));
+                    self.platform
+                        .going_offline(self.sb_pfn(mb, first), self.sb_pages(count));
                 }
             }
             MemEvent::CancelOffline => {
                 for (first, count) in sbm.unplugged_runs(mb) {
-                    pages::cancel_offline(self.sb_pfn(mb, first), self.sb_pages(count));
+                    self.platform
+                        .cancel_offline(self.sb_pfn(mb, first), self.sb_pages(count));
                 }
                 sbm.cancel_offline(mb);
             }
@@ -919,9 +955,9 @@ impl VirtioMem {
                 None => false,
             };
             if online {
-                pages::online(addr >> shift, order);
+                self.platform.online_pages(addr >> shift, order);
             } else {
-                pages::keep_fake_offline(addr >> shift, 1 << order);
+                self.platform.keep_fake_offline(addr >> shift, 1 << order);
             }
             addr += size;
         }

@@ -15,7 +15,9 @@
 
 use crate::{
     config::{Limits, RawConfig},
-    device::{MemEvent, NotifyAnswer, VirtioMem},
+    device::{MemEvent, NotifyAnswer},
+    platform::{Platform, Transport},
+    protocol::{REQUEST_SIZE, RESPONSE_SIZE},
 };
 use core::ptr::NonNull;
 use kernel::{
@@ -26,6 +28,9 @@ use kernel::{
     prelude::*,
     sync::{Arc, ArcBorrow},
 };
+
+/// A device driven through the glue.
+type VirtioMem = crate::device::VirtioMem<Glue>;
 
 /// `struct vmr_glue`, opaque.
 #[repr(C)]
@@ -38,12 +43,9 @@ extern "C" {
     fn vmr_glue_has_feature(glue: *mut RawGlue, fbit: c_uint) -> bool;
     fn vmr_glue_request(
         glue: *mut RawGlue,
-        ty: u16,
-        addr: u64,
-        nb_blocks: u16,
+        req: *const c_void,
+        resp: *mut c_void,
         timeout_ms: c_uint,
-        resp_type: *mut u16,
-        resp_state: *mut u16,
         used_len: *mut u32,
     ) -> c_int;
     fn vmr_glue_queue_work(glue: *mut RawGlue, delay_ms: c_uint);
@@ -90,26 +92,6 @@ pub(crate) fn unregister_driver() {
     unsafe { vmr_glue_unregister_driver() }
 }
 
-/// The `unplug_online` module parameter: whether online memory may be unplugged.
-pub(crate) fn unplug_online() -> bool {
-    // SAFETY: reads a module parameter.
-    unsafe { vmr_glue_unplug_online() }
-}
-
-/// Frees reclaimable slab objects. `false` when built as a module, where `drop_slab` is
-/// not available.
-pub(crate) fn drop_slab() -> bool {
-    // SAFETY: no precondition; may sleep, and the worker may.
-    unsafe { vmr_glue_drop_slab() }
-}
-
-/// Offlines (if online) and removes `[addr, addr + size)` from Linux. Must not be called
-/// with the device's mutex held: offlining calls the memory notifier, which takes it.
-pub(crate) fn offline_and_remove(addr: u64, size: u64) -> Result {
-    // SAFETY: no precondition beyond the locking above.
-    to_result(unsafe { vmr_glue_offline_and_remove(addr, size) })
-}
-
 /// The kernel's page size, memory block size, pageblock size and pluggable range.
 pub(crate) fn mm_limits() -> Limits {
     let (mut start, mut end) = (0, 0);
@@ -137,95 +119,99 @@ unsafe impl Send for Glue {}
 // SAFETY: as above.
 unsafe impl Sync for Glue {}
 
-impl Glue {
-    /// Queues the worker after `delay_ms` (at once for 0); a no-op while removing.
-    /// Callable in any context.
-    pub(crate) fn queue_work(self, delay_ms: u32) {
-        // SAFETY: `self.0` is live (type invariant).
-        unsafe { vmr_glue_queue_work(self.0.as_ptr(), delay_ms) }
+impl Platform for Glue {
+    type Transport = Channel;
+
+    fn mm_limits(&self) -> Limits {
+        mm_limits()
     }
 
-    /// The NUMA node of the device's memory: from the ACPI PXM `node_id` if the device
-    /// offers it, else from `addr`.
-    pub(crate) fn node(self, node_id: u16, addr: u64) -> i32 {
+    fn node(&self, node_id: u16, addr: u64) -> i32 {
         // SAFETY: `self.0` is live (type invariant).
         unsafe { vmr_glue_node(self.0.as_ptr(), node_id, addr) }
     }
 
-    /// Whether the device negotiated `VIRTIO_MEM_F_ACPI_PXM`.
-    pub(crate) fn has_acpi_pxm(self) -> bool {
+    fn has_acpi_pxm(&self) -> bool {
         // SAFETY: `self.0` is live (type invariant).
         unsafe { vmr_glue_has_feature(self.0.as_ptr(), F_ACPI_PXM) }
     }
 
-    /// Reserves the region, registers the memory group, the memory notifier and the online
-    /// page callback. Undone by the glue on remove.
-    pub(crate) fn hotplug_init(self, addr: u64, size: u64, nid: i32, unit: u64) -> Result {
+    /// Undone by the glue on remove.
+    fn hotplug_init(&self, addr: u64, size: u64, nid: i32, unit: u64) -> Result {
         // SAFETY: `self.0` is live (type invariant).
         let rc = unsafe { vmr_glue_hotplug_init(self.0.as_ptr(), addr, size, nid, unit) };
         to_result(rc.min(0))
     }
 
-    /// Logs what keeps pages `pfn .. pfn + nr` from being freed.
-    pub(crate) fn explain_busy(self, pfn: u64, nr: u64) {
+    /// A no-op while removing.
+    fn queue_work(&self, delay_ms: u32) {
+        // SAFETY: `self.0` is live (type invariant).
+        unsafe { vmr_glue_queue_work(self.0.as_ptr(), delay_ms) }
+    }
+
+    /// As "System RAM (virtio_mem)". Must not be called with the device's mutex held:
+    /// onlining (which may happen right away) takes it.
+    fn add_memory(&self, addr: u64, size: u64) -> Result {
+        // SAFETY: `self.0` is live (type invariant); the range is the caller's plugged block.
+        to_result(unsafe { vmr_glue_add_memory(self.0.as_ptr(), addr, size) })
+    }
+
+    /// Must not be called with the device's mutex held: offlining calls the memory
+    /// notifier, which takes it.
+    fn offline_and_remove(&self, addr: u64, size: u64) -> Result {
+        // SAFETY: no precondition beyond the locking above.
+        to_result(unsafe { vmr_glue_offline_and_remove(addr, size) })
+    }
+
+    fn unplug_online(&self) -> bool {
+        // SAFETY: reads a module parameter.
+        unsafe { vmr_glue_unplug_online() }
+    }
+
+    /// Built in only: `drop_slab` is not exported to modules.
+    fn drop_slab(&self) -> bool {
+        // SAFETY: no precondition; may sleep, and the worker may.
+        unsafe { vmr_glue_drop_slab() }
+    }
+
+    fn explain_busy(&self, pfn: u64, nr: u64) {
         // SAFETY: `self.0` is live (type invariant); the caller passes pages of an online
         // block of the device (they have a memmap).
         unsafe { vmr_glue_explain_busy(self.0.as_ptr(), pfn as c_ulong, nr as c_ulong) }
     }
 
-    /// Adds `[addr, addr + size)` to Linux as driver-managed "System RAM (virtio_mem)" in
-    /// the device's memory group. Must not be called with the device's mutex held: onlining
-    /// (which may happen right away) takes it.
-    pub(crate) fn add_memory(self, addr: u64, size: u64) -> Result {
-        // SAFETY: `self.0` is live (type invariant); the range is the caller's plugged block.
-        to_result(unsafe { vmr_glue_add_memory(self.0.as_ptr(), addr, size) })
-    }
-}
-
-/// Page operations on memory of the device's region, by page frame number.
-pub(crate) mod pages {
-    use super::*;
-
-    /// Hands plugged pages that core mm is onlining to the buddy.
-    pub(crate) fn online(pfn: u64, order: u32) {
+    fn online_pages(&self, pfn: u64, order: u32) {
         // SAFETY: called from the online page callback for pages core mm is onlining.
         unsafe { vmr_glue_online_pages(pfn as c_ulong, order) }
     }
 
-    /// Keeps unplugged pages that core mm is onlining fake-offline.
-    pub(crate) fn keep_fake_offline(pfn: u64, nr: u64) {
+    fn keep_fake_offline(&self, pfn: u64, nr: u64) {
         // SAFETY: called from the online page callback for pages core mm is onlining.
         unsafe { vmr_glue_keep_fake_offline(pfn as c_ulong, nr as c_ulong) }
     }
 
-    /// Gives fake-offline pages, now plugged, to the buddy.
-    pub(crate) fn fake_online(pfn: u64, nr: u64) {
+    fn fake_online(&self, pfn: u64, nr: u64) {
         // SAFETY: the caller passes fake-offline pages of an online block it just plugged.
         unsafe { vmr_glue_fake_online(pfn as c_ulong, nr as c_ulong) }
     }
 
-    /// One try to take plugged online pages from the kernel (`alloc_contig_range`), mark
-    /// them PageOffline and drop them from the managed page count. `EBUSY` if some page
-    /// could not be moved.
-    pub(crate) fn fake_offline(pfn: u64, nr: u64) -> Result {
+    /// `alloc_contig_range`, then PageOffline and the managed page count.
+    fn fake_offline(&self, pfn: u64, nr: u64) -> Result {
         // SAFETY: the caller passes plugged pages of an online block of its region.
         to_result(unsafe { vmr_glue_fake_offline(pfn as c_ulong, nr as c_ulong) })
     }
 
-    /// Whether the page is in ZONE_MOVABLE.
-    pub(crate) fn is_movable(pfn: u64) -> bool {
+    fn is_movable(&self, pfn: u64) -> bool {
         // SAFETY: the caller passes a page of an online block.
         unsafe { vmr_glue_is_movable(pfn as c_ulong) }
     }
 
-    /// MEM_GOING_OFFLINE: drops our references to fake-offline pages.
-    pub(crate) fn going_offline(pfn: u64, nr: u64) {
+    fn going_offline(&self, pfn: u64, nr: u64) {
         // SAFETY: the caller passes fake-offline pages of a block going offline.
         unsafe { vmr_glue_going_offline(pfn as c_ulong, nr as c_ulong) }
     }
 
-    /// MEM_CANCEL_OFFLINE: takes the references back.
-    pub(crate) fn cancel_offline(pfn: u64, nr: u64) {
+    fn cancel_offline(&self, pfn: u64, nr: u64) {
         // SAFETY: the caller passes the pages it gave up in `going_offline`.
         unsafe { vmr_glue_cancel_offline(pfn as c_ulong, nr as c_ulong) }
     }
@@ -234,15 +220,8 @@ pub(crate) mod pages {
 /// The device's request channel. Lives inside the device's mutex: one request at a time.
 pub(crate) struct Channel(Glue);
 
-/// A request's raw answer.
-pub(crate) struct RawResponse {
-    pub(crate) ty: u16,
-    pub(crate) used_len: u32,
-}
-
-impl Channel {
-    /// Reads the whole config space.
-    pub(crate) fn read_config(&mut self) -> RawConfig {
+impl Transport for Channel {
+    fn read_config(&mut self) -> RawConfig {
         let mut cfg = RawConfig::default();
         // SAFETY: `self.0` is live; `cfg` is valid for writes and laid out as
         // `struct vmr_raw_config`.
@@ -250,35 +229,27 @@ impl Channel {
         cfg
     }
 
-    /// Sends one request and waits at most `timeout_ms` for the answer. `ETIMEDOUT` leaves
-    /// the request with the device: every later request fails with `EIO`.
-    pub(crate) fn request(
+    fn request(
         &mut self,
-        ty: u16,
-        addr: u64,
-        nb_blocks: u16,
+        req: &[u8; REQUEST_SIZE],
+        resp: &mut [u8; RESPONSE_SIZE as usize],
         timeout_ms: u32,
-    ) -> Result<RawResponse> {
-        let (mut rt, mut rs, mut len) = (0, 0, 0);
-        // SAFETY: `self.0` is live; `&mut self` makes this the only request under way; the
-        // out pointers are valid for writes.
+    ) -> Result<u32> {
+        let mut len = 0;
+        // SAFETY: `self.0` is live; `&mut self` makes this the only request under way; `req`
+        // and `resp` have the sizes of `struct virtio_mem_req` and `struct virtio_mem_resp`
+        // (the glue checks them at build time), `len` is valid for writes.
         let rc = unsafe {
             vmr_glue_request(
                 self.0 .0.as_ptr(),
-                ty,
-                addr,
-                nb_blocks,
+                req.as_ptr().cast(),
+                resp.as_mut_ptr().cast(),
                 timeout_ms,
-                &mut rt,
-                &mut rs,
                 &mut len,
             )
         };
         to_result(rc)?;
-        Ok(RawResponse {
-            ty: rt,
-            used_len: len,
-        })
+        Ok(len)
     }
 }
 

@@ -27,11 +27,29 @@ impl RequestType {
     }
 }
 
+/// Size of `struct virtio_mem_req`.
+pub(crate) const REQUEST_SIZE: usize = 24;
+
+/// A request as the device reads it: `struct virtio_mem_req`, little endian (virtio 1.0).
+/// UNPLUG_ALL carries no address or count: pass 0 for both.
+pub(crate) fn encode_request(ty: RequestType, addr: u64, nb_blocks: u16) -> [u8; REQUEST_SIZE] {
+    let mut req = [0u8; REQUEST_SIZE];
+    req[0..2].copy_from_slice(&(ty as u16).to_le_bytes());
+    req[8..16].copy_from_slice(&addr.to_le_bytes());
+    req[16..18].copy_from_slice(&nb_blocks.to_le_bytes());
+    req
+}
+
 /// The largest `nb_blocks` of one request (the field is 16 bits wide).
 pub(crate) const MAX_BLOCKS_PER_REQUEST: u64 = u16::MAX as u64;
 
 /// Size of `struct virtio_mem_resp`: what the device may write at most.
 pub(crate) const RESPONSE_SIZE: u32 = 10;
+
+/// The response buffer as it is handed to the device: every byte poisoned, so that a field
+/// the device did not write (or an answer left over from an earlier request) reads as an
+/// invalid type.
+pub(crate) const RESPONSE_POISON: [u8; RESPONSE_SIZE as usize] = [0xff; RESPONSE_SIZE as usize];
 /// Size of the response's `type` field: what the device must write at least.
 const RESPONSE_TYPE_SIZE: u32 = 2;
 
@@ -70,6 +88,15 @@ impl Response {
             3 => Ok(Self::Error),
             t => Err(BadResponse::Type(t)),
         }
+    }
+
+    /// Checks a response buffer (`struct virtio_mem_resp`, little endian) of which the
+    /// device says it wrote `used_len` bytes.
+    pub(crate) fn decode(
+        buf: &[u8; RESPONSE_SIZE as usize],
+        used_len: u32,
+    ) -> Result<Self, BadResponse> {
+        Self::parse(u16::from_le_bytes([buf[0], buf[1]]), used_len)
     }
 }
 

@@ -186,16 +186,17 @@ bool vmr_glue_has_feature(struct vmr_glue *glue, unsigned int fbit)
 }
 
 /*
- * Sends one request and waits at most timeout_ms for the answer. The response buffer is
- * poisoned first, so a field the device did not write reads as an invalid value. Returns
- * 0 with the raw response and the used length, -ETIMEDOUT (the buffers stay the device's:
- * every later request fails with -EIO), -ENODEV while removing, or the virtqueue's error.
+ * Sends one request and waits at most timeout_ms for the answer. The Rust side encodes the
+ * request (struct virtio_mem_req, little endian) and fills the response buffer
+ * (struct virtio_mem_resp) with what a field the device does not write must read as; both
+ * are copied to and from the glue's DMA-able buffers unchanged. Returns 0 with the used
+ * length, -ETIMEDOUT (the buffers stay the device's: every later request fails with -EIO),
+ * -ENODEV while removing, or the virtqueue's error.
  */
-int vmr_glue_request(struct vmr_glue *glue, u16 type, u64 addr, u16 nb_blocks,
-		     unsigned int timeout_ms, u16 *resp_type, u16 *resp_state, u32 *used_len)
+int vmr_glue_request(struct vmr_glue *glue, const void *req, void *resp,
+		     unsigned int timeout_ms, u32 *used_len)
 {
 	struct scatterlist *sgs[2], sg_req, sg_resp;
-	struct virtio_device *vdev = glue->vdev;
 	unsigned int len = 0;
 	long left;
 	int rc;
@@ -203,11 +204,8 @@ int vmr_glue_request(struct vmr_glue *glue, u16 type, u64 addr, u16 nb_blocks,
 	if (glue->request_lost)
 		return -EIO;
 
-	memset(&glue->req, 0, sizeof(glue->req));
-	glue->req.type = cpu_to_virtio16(vdev, type);
-	glue->req.u.plug.addr = cpu_to_virtio64(vdev, addr);
-	glue->req.u.plug.nb_blocks = cpu_to_virtio16(vdev, nb_blocks);
-	memset(&glue->resp, 0xff, sizeof(glue->resp));
+	memcpy(&glue->req, req, sizeof(glue->req));
+	memcpy(&glue->resp, resp, sizeof(glue->resp));
 
 	sg_init_one(&sg_req, &glue->req, sizeof(glue->req));
 	sgs[0] = &sg_req;
@@ -233,8 +231,7 @@ int vmr_glue_request(struct vmr_glue *glue, u16 type, u64 addr, u16 nb_blocks,
 		return -ENODEV;
 	}
 
-	*resp_type = virtio16_to_cpu(vdev, glue->resp.type);
-	*resp_state = virtio16_to_cpu(vdev, glue->resp.u.state.state);
+	memcpy(resp, &glue->resp, sizeof(glue->resp));
 	*used_len = len;
 	return 0;
 }
@@ -605,6 +602,11 @@ static int vmr_probe(struct virtio_device *vdev)
 	BUILD_BUG_ON(sizeof(struct virtio_mem_req) != 24);
 	BUILD_BUG_ON(sizeof(struct virtio_mem_resp) != 10);
 
+	/* Requests and responses are exchanged as little-endian bytes (virtio 1.0). */
+	if (!virtio_has_feature(vdev, VIRTIO_F_VERSION_1)) {
+		dev_err(&vdev->dev, "legacy (pre virtio 1.0) device not supported\n");
+		return -ENODEV;
+	}
 	if (!vdev->config->get) {
 		dev_err(&vdev->dev, "config access disabled\n");
 		return -EINVAL;

@@ -35,8 +35,8 @@ void vmr_rs_online_pages(void *rust, unsigned long pfn, unsigned int order);
 struct vmr_raw_config;
 void vmr_glue_read_config(struct vmr_glue *glue, struct vmr_raw_config *cfg);
 bool vmr_glue_has_feature(struct vmr_glue *glue, unsigned int fbit);
-int vmr_glue_request(struct vmr_glue *glue, u16 type, u64 addr, u16 nb_blocks,
-		     unsigned int timeout_ms, u16 *resp_type, u16 *resp_state, u32 *used_len);
+int vmr_glue_request(struct vmr_glue *glue, const void *req, void *resp,
+		     unsigned int timeout_ms, u32 *used_len);
 void vmr_glue_queue_work(struct vmr_glue *glue, unsigned int delay_ms);
 u64 vmr_glue_memory_block_size(void);
 u64 vmr_glue_pageblock_size(void);

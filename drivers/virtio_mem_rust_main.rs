@@ -11,13 +11,18 @@
 //! - [`sbm`]: Sub Block Mode bookkeeping, plug and unplug planning;
 //! - [`retry`]: the retry schedule;
 //! - [`device`]: one device: the worker, the memory notifier, the online page callback;
-//! - [`glue`]: the only place that calls C (`virtio_mem_glue.c`).
+//! - [`platform`]: what [`device`] needs from the device and from core mm;
+//! - [`glue`]: the only place that calls C (`virtio_mem_glue.c`): [`platform`] for real.
+//!
+//! The KUnit suites (`kunit/`, `CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST`) run [`device`] against a
+//! scripted mock device.
 
 use kernel::prelude::*;
 
 mod config;
 mod device;
 mod glue;
+mod platform;
 mod protocol;
 mod retry;
 mod sbm;

@@ -1,0 +1,86 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The boundary between the driver's logic ([`crate::device`]) and the world around it.
+//!
+//! [`Transport`] is the device: its config space and its request queue. [`Platform`] is the
+//! rest of the kernel the logic acts on: core mm (adding, removing, onlining and
+//! offlining memory) and the worker's scheduling. The glue (`glue.rs`) implements both for
+//! a real virtio device; the KUnit suites (`kunit/mock.rs`) implement them with a scripted
+//! mock device and a model of the memory, so that the same logic can be fed every hostile
+//! input a device can produce.
+//!
+//! Everything that comes through [`Transport`] is untrusted: the logic validates it.
+
+use crate::{
+    config::{Limits, RawConfig},
+    protocol::{REQUEST_SIZE, RESPONSE_SIZE},
+};
+use kernel::prelude::*;
+
+/// A virtio-mem device's config space and request queue. One request at a time: the
+/// transport lives inside the device's mutex.
+pub(crate) trait Transport: Send + Unpin {
+    /// Reads the whole config space (as the device has it now; validated by the caller).
+    fn read_config(&mut self) -> RawConfig;
+
+    /// Hands `req` to the device with `resp` as its response buffer and waits at most
+    /// `timeout_ms` for the answer. `resp` reaches the device as the caller filled it and
+    /// comes back with whatever the device wrote into it. Returns the length the device
+    /// says it wrote (unchecked).
+    ///
+    /// `ETIMEDOUT` if the device did not answer in time: the buffers then stay the
+    /// device's, so every later request fails (`EIO`).
+    fn request(
+        &mut self,
+        req: &[u8; REQUEST_SIZE],
+        resp: &mut [u8; RESPONSE_SIZE as usize],
+        timeout_ms: u32,
+    ) -> Result<u32>;
+}
+
+/// Core mm and scheduling, as the driver's logic uses them. Page ranges are given by page
+/// frame number and always lie in the device's region.
+pub(crate) trait Platform: Send + Sync + Sized + 'static {
+    /// The device's request channel.
+    type Transport: Transport;
+
+    /// The kernel's page size, memory block size, pageblock size and pluggable range.
+    fn mm_limits(&self) -> Limits;
+    /// The NUMA node of the device's memory.
+    fn node(&self, node_id: u16, addr: u64) -> i32;
+    /// Whether the device negotiated `VIRTIO_MEM_F_ACPI_PXM`.
+    fn has_acpi_pxm(&self) -> bool;
+    /// Reserves the region and registers the memory group, the memory notifier and the
+    /// online page callback.
+    fn hotplug_init(&self, addr: u64, size: u64, nid: i32, unit: u64) -> Result;
+    /// Runs the worker after `delay_ms` (at once for 0). Any context.
+    fn queue_work(&self, delay_ms: u32);
+    /// Adds a plugged memory block to Linux (driver-managed, in the memory group). May call
+    /// back into the memory notifier and the online page callback.
+    fn add_memory(&self, addr: u64, size: u64) -> Result;
+    /// Offlines (if online) and removes a memory block with nothing plugged.
+    fn offline_and_remove(&self, addr: u64, size: u64) -> Result;
+    /// The `unplug_online` module parameter.
+    fn unplug_online(&self) -> bool;
+    /// Frees reclaimable slab objects; `false` if that is not possible here.
+    fn drop_slab(&self) -> bool;
+    /// Logs what keeps pages from being freed.
+    fn explain_busy(&self, pfn: u64, nr: u64);
+
+    /// From the online page callback: plugged pages go to the buddy.
+    fn online_pages(&self, pfn: u64, order: u32);
+    /// From the online page callback: unplugged pages stay fake-offline.
+    fn keep_fake_offline(&self, pfn: u64, nr: u64);
+    /// Fake-offline pages, now plugged, go to the buddy.
+    fn fake_online(&self, pfn: u64, nr: u64);
+    /// One try to take plugged online pages from the kernel and keep them fake-offline.
+    /// `EBUSY` (or another error) if some could not be freed, `ENOMEM` if it is pointless
+    /// to try again soon.
+    fn fake_offline(&self, pfn: u64, nr: u64) -> Result;
+    /// Whether the (online) page is in ZONE_MOVABLE.
+    fn is_movable(&self, pfn: u64) -> bool;
+    /// A block goes offline: drop the references on its fake-offline pages.
+    fn going_offline(&self, pfn: u64, nr: u64);
+    /// Offlining was cancelled: take them back.
+    fn cancel_offline(&self, pfn: u64, nr: u64);
+}
