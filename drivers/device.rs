@@ -261,6 +261,13 @@ impl<P: Platform> VirtioMem<P> {
         }
     }
 
+    /// What this driver has plugged, and whether it gave up on the device.
+    #[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
+    pub(crate) fn status(&self) -> (u64, bool) {
+        let g = self.inner.lock();
+        (g.plugged, g.broken)
+    }
+
     /// The worker: follows the requested size.
     pub(crate) fn run(&self) {
         let mut g = self.inner.lock();

@@ -27,6 +27,13 @@ mod protocol;
 mod retry;
 mod sbm;
 
+#[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
+#[path = "../kunit/mock.rs"]
+mod mock;
+#[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
+#[path = "../kunit/tests.rs"]
+mod tests;
+
 module! {
     type: VirtioMemModule,
     name: "virtio_mem_rust",

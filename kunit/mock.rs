@@ -1,0 +1,511 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! A scripted mock virtio-mem device and a model of the memory it provides, for the KUnit
+//! suites: the driver's logic ([`crate::device`]) runs on [`MockPlatform`] and
+//! [`MockTransport`] exactly as it runs on the glue.
+//!
+//! The device answers like QEMU's virtio-mem (`hw/virtio/virtio-mem.c`): PLUG of a range
+//! outside the usable region, misaligned, or of a plugged block is ERROR, PLUG beyond the
+//! requested size is NACK, UNPLUG of a block not plugged is ERROR, UNPLUG_ALL empties it.
+//! [`State::script`] overrides its answers one request at a time with whatever a hostile
+//! or broken device could do. Every ERROR the model has to give on its own is counted in
+//! [`State::invalid_requests`]: a correct driver never causes one.
+//!
+//! The memory model follows each pageblock-sized chunk of the region through core mm
+//! (absent, added but offline, in the buddy, fake-offline) and counts in
+//! [`State::violations`] every operation that would be a bug in the real kernel: memory
+//! the device has not plugged handed to the buddy, memory of unknown state handed back,
+//! fake-offlining pages not in the buddy, removing memory that is still plugged.
+
+use crate::{
+    config::{Limits, RawConfig},
+    platform::{Platform, Transport},
+    protocol::{REQUEST_SIZE, RESPONSE_SIZE},
+};
+use kernel::{
+    alloc::{KVVec, KVec},
+    new_mutex,
+    prelude::*,
+    sync::{Arc, Mutex},
+};
+
+/// Size of the mock's memory chunks: the pageblock size of [`mock_limits`].
+pub(crate) const CHUNK: u64 = 2 << 20;
+/// The mock's page size.
+pub(crate) const PAGE: u64 = 4096;
+/// The mock's memory block size.
+pub(crate) const MEMORY_BLOCK: u64 = 128 << 20;
+/// `VIRTIO_MEM_REQ_*`.
+pub(crate) const PLUG: u16 = 0;
+pub(crate) const UNPLUG: u16 = 1;
+pub(crate) const UNPLUG_ALL: u16 = 2;
+/// `VIRTIO_MEM_RESP_*`.
+pub(crate) const ACK: u16 = 0;
+pub(crate) const NACK: u16 = 1;
+pub(crate) const BUSY: u16 = 2;
+pub(crate) const ERROR: u16 = 3;
+
+/// The kernel limits the mock pretends: x86-64's with 2 MiB pageblocks.
+pub(crate) fn mock_limits() -> Limits {
+    Limits {
+        page_size: PAGE,
+        memory_block_size: MEMORY_BLOCK,
+        pageblock_size: CHUNK,
+        pluggable_start: 0,
+        pluggable_end: (1 << 46) - 1,
+    }
+}
+
+/// A QEMU-like config: 2 MiB blocks, a 1 GiB region at 4 GiB (8 memory blocks), all of it
+/// usable, nothing requested or plugged.
+pub(crate) fn qemu_config() -> RawConfig {
+    RawConfig {
+        block_size: 2 << 20,
+        addr: 4 << 30,
+        region_size: 1 << 30,
+        usable_region_size: 1 << 30,
+        plugged_size: 0,
+        requested_size: 0,
+        node_id: 0,
+    }
+}
+
+/// How the device answers one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// As QEMU would.
+    Model,
+    /// Writes this response type and says it wrote `used_len` bytes; changes nothing.
+    Raw { ty: u16, used_len: u32 },
+    /// Writes nothing but says it wrote a whole response.
+    Stale,
+    /// Never answers: the transport times out.
+    Silent,
+}
+
+/// One request as the device saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Request {
+    pub(crate) ty: u16,
+    pub(crate) addr: u64,
+    pub(crate) nb_blocks: u16,
+    /// The answer's type, if one was written.
+    pub(crate) answer: Option<u16>,
+}
+
+/// Where a chunk of the region is in core mm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Chunk {
+    /// Not added to Linux.
+    Absent,
+    /// Added, its block not online.
+    Offline,
+    /// Online, in the buddy.
+    Buddy,
+    /// Online, but held by the driver (PageOffline).
+    FakeOffline,
+}
+
+/// The mock's state: the device, its script, the memory model and what happened.
+pub(crate) struct State {
+    /// The config space as the device shows it (tests change it at will).
+    pub(crate) cfg: RawConfig,
+    /// Answers for the next requests, first one first; [`Answer::Model`] when empty.
+    pub(crate) script: KVec<Answer>,
+    /// Every request received.
+    pub(crate) requests: KVec<Request>,
+    /// ERRORs the model had to give because a request was invalid.
+    pub(crate) invalid_requests: u32,
+    /// Device blocks plugged, as the device sees them.
+    plugged: KVVec<bool>,
+    /// A request timed out: the device has the buffers, later requests fail.
+    lost: bool,
+    /// Each pageblock-sized chunk of the region.
+    pub(crate) chunks: KVec<Chunk>,
+    /// Kernel bugs the driver would have caused (see the module documentation).
+    pub(crate) violations: u32,
+    /// Memory blocks added and removed (addresses), in order.
+    pub(crate) added: KVec<u64>,
+    pub(crate) removed: KVec<u64>,
+    /// Worker runs asked for, by delay in ms.
+    pub(crate) queued: KVec<u32>,
+    /// Fail the next this many fake-offline tries (`EBUSY`), additions (`ENOMEM`) and
+    /// removals (`EBUSY`).
+    pub(crate) fail_fake_offline: u32,
+    pub(crate) fail_add: u32,
+    pub(crate) fail_remove: u32,
+    /// The `unplug_online` parameter; whether memory is in ZONE_MOVABLE.
+    pub(crate) unplug_online: bool,
+    pub(crate) movable: bool,
+    /// Use the running kernel's real limits instead of [`mock_limits`].
+    pub(crate) real_limits: bool,
+    pub(crate) drop_slab_calls: u32,
+}
+
+impl State {
+    fn block_index(&self, addr: u64) -> Option<usize> {
+        let off = addr.checked_sub(self.cfg.addr)?;
+        usize::try_from(off >> self.cfg.block_size.trailing_zeros()).ok()
+    }
+
+    /// Whether `[addr, addr + size)` is a valid request range: inside the usable region,
+    /// aligned, not empty.
+    fn valid_range(&self, addr: u64, size: u64) -> bool {
+        let bs = self.cfg.block_size;
+        size != 0
+            && addr % bs == 0
+            && addr >= self.cfg.addr
+            && addr
+                .checked_add(size)
+                .is_some_and(|end| end <= self.cfg.addr + self.cfg.usable_region_size)
+    }
+
+    /// QEMU's answer to a request, applied to the device's state.
+    fn model(&mut self, ty: u16, addr: u64, nb: u16) -> u16 {
+        let size = u64::from(nb) * self.cfg.block_size;
+        let (first, valid) = match ty {
+            PLUG | UNPLUG => match self.block_index(addr) {
+                Some(first) if self.valid_range(addr, size) => (first, true),
+                _ => (0, false),
+            },
+            UNPLUG_ALL => (0, true),
+            _ => (0, false),
+        };
+        if !valid {
+            self.invalid_requests += 1;
+            return ERROR;
+        }
+        let range = first..first + usize::from(nb);
+        match ty {
+            PLUG => {
+                if self.cfg.plugged_size + size > self.cfg.requested_size {
+                    return NACK;
+                }
+                if self.plugged[range.clone()].iter().any(|&p| p) {
+                    self.invalid_requests += 1;
+                    return ERROR;
+                }
+                self.plugged[range].iter_mut().for_each(|p| *p = true);
+                self.cfg.plugged_size += size;
+            }
+            UNPLUG => {
+                if !self.plugged[range.clone()].iter().all(|&p| p) {
+                    self.invalid_requests += 1;
+                    return ERROR;
+                }
+                self.plugged[range].iter_mut().for_each(|p| *p = false);
+                self.cfg.plugged_size -= size;
+            }
+            _ => {
+                self.plugged.iter_mut().for_each(|p| *p = false);
+                self.cfg.plugged_size = 0;
+            }
+        }
+        ACK
+    }
+
+    /// Whether the device has all of chunk `c` plugged.
+    pub(crate) fn chunk_plugged(&self, c: usize) -> bool {
+        let per = (CHUNK >> self.cfg.block_size.trailing_zeros()).max(1) as usize;
+        let first = ((c as u64 * CHUNK) >> self.cfg.block_size.trailing_zeros()) as usize;
+        self.plugged
+            .get(first..first + per)
+            .is_some_and(|b| b.iter().all(|&p| p))
+    }
+
+    /// Chunks of pages `pfn .. pfn + nr`, or `None` (a violation) if they are not whole
+    /// chunks of the region.
+    fn chunks_of(&self, pfn: u64, nr: u64) -> Option<core::ops::Range<usize>> {
+        let addr = pfn * PAGE;
+        let size = nr * PAGE;
+        let off = addr.checked_sub(self.cfg.addr)?;
+        if off % CHUNK != 0 || size % CHUNK != 0 || size == 0 {
+            return None;
+        }
+        let first = (off / CHUNK) as usize;
+        let last = first + (size / CHUNK) as usize;
+        (last <= self.chunks.len()).then_some(first..last)
+    }
+
+    /// Moves chunks from `from` (any state if `None`) to `to`; a violation if some chunk
+    /// was elsewhere or, when `to` is the buddy, is not plugged in the device.
+    fn move_chunks(&mut self, pfn: u64, nr: u64, from: &[Chunk], to: Chunk) {
+        let Some(range) = self.chunks_of(pfn, nr) else {
+            pr_err!(
+                "mock: pages {:#x} + {:#x} are not whole chunks of the region\n",
+                pfn,
+                nr
+            );
+            self.violations += 1;
+            return;
+        };
+        for c in range {
+            if !from.is_empty() && !from.contains(&self.chunks[c]) {
+                pr_err!(
+                    "mock: chunk {} is {:?}, expected one of {:?}\n",
+                    c,
+                    self.chunks[c],
+                    from
+                );
+                self.violations += 1;
+            }
+            if to == Chunk::Buddy && !self.chunk_plugged(c) {
+                pr_err!("mock: unplugged chunk {} handed to the buddy\n", c);
+                self.violations += 1;
+            }
+            self.chunks[c] = to;
+        }
+    }
+
+    /// How many chunks are in state `s`.
+    pub(crate) fn count(&self, s: Chunk) -> usize {
+        self.chunks.iter().filter(|&&c| c == s).count()
+    }
+
+    /// Chunks the driver holds fake-offline although the device has them plugged: memory
+    /// kept from the kernel (right only while the device's state is unknown).
+    pub(crate) fn held_plugged(&self) -> usize {
+        (0..self.chunks.len())
+            .filter(|&c| self.chunks[c] == Chunk::FakeOffline && self.chunk_plugged(c))
+            .count()
+    }
+
+    /// Bytes the device has plugged, counted block by block.
+    pub(crate) fn device_plugged(&self) -> u64 {
+        self.plugged.iter().filter(|&&p| p).count() as u64 * self.cfg.block_size
+    }
+
+    /// Requests of type `ty` received.
+    pub(crate) fn nr_requests(&self, ty: u16) -> usize {
+        self.requests.iter().filter(|r| r.ty == ty).count()
+    }
+}
+
+/// The state shared by the platform and the transport of one mock device.
+#[pin_data]
+pub(crate) struct Shared {
+    #[pin]
+    pub(crate) state: Mutex<State>,
+}
+
+/// Creates a mock device with config `cfg`.
+pub(crate) fn new_mock(cfg: RawConfig) -> Result<(MockPlatform, MockTransport)> {
+    // Size the models for any config a test may hand out; a hostile one gets small ones.
+    let sane = cfg.block_size.is_power_of_two()
+        && cfg.region_size % cfg.block_size == 0
+        && cfg.region_size <= 1 << 30
+        && cfg.region_size / cfg.block_size <= 1 << 20;
+    let (blocks, chunks) = if sane {
+        (
+            (cfg.region_size / cfg.block_size) as usize,
+            (cfg.region_size / CHUNK) as usize,
+        )
+    } else {
+        (0, 0)
+    };
+    let state = State {
+        cfg,
+        script: KVec::new(),
+        requests: KVec::new(),
+        invalid_requests: 0,
+        plugged: KVVec::from_elem(false, blocks, GFP_KERNEL)?,
+        lost: false,
+        chunks: KVec::from_elem(Chunk::Absent, chunks, GFP_KERNEL)?,
+        violations: 0,
+        added: KVec::new(),
+        removed: KVec::new(),
+        queued: KVec::new(),
+        fail_fake_offline: 0,
+        fail_add: 0,
+        fail_remove: 0,
+        unplug_online: true,
+        movable: false,
+        real_limits: false,
+        drop_slab_calls: 0,
+    };
+    let shared = Arc::pin_init(
+        pin_init!(Shared {
+            state <- new_mutex!(state, "vmr_mock::state"),
+        }),
+        GFP_KERNEL,
+    )?;
+    Ok((MockPlatform(shared.clone()), MockTransport(shared)))
+}
+
+/// The mock's side of [`Platform`]: the memory model and the worker's scheduling.
+pub(crate) struct MockPlatform(pub(crate) Arc<Shared>);
+
+/// The mock's side of [`Transport`]: the device.
+pub(crate) struct MockTransport(Arc<Shared>);
+
+impl Transport for MockTransport {
+    fn read_config(&mut self) -> RawConfig {
+        self.0.state.lock().cfg
+    }
+
+    fn request(
+        &mut self,
+        req: &[u8; REQUEST_SIZE],
+        resp: &mut [u8; RESPONSE_SIZE as usize],
+        _timeout_ms: u32,
+    ) -> Result<u32> {
+        let mut s = self.0.state.lock();
+        if s.lost {
+            return Err(EIO);
+        }
+        let ty = u16::from_le_bytes([req[0], req[1]]);
+        let addr = u64::from_le_bytes([
+            req[8], req[9], req[10], req[11], req[12], req[13], req[14], req[15],
+        ]);
+        let nb_blocks = u16::from_le_bytes([req[16], req[17]]);
+        let answer = if s.script.is_empty() {
+            Answer::Model
+        } else {
+            s.script.remove(0)?
+        };
+        let (written, len) = match answer {
+            Answer::Model => {
+                let t = s.model(ty, addr, nb_blocks);
+                (Some(t), RESPONSE_SIZE)
+            }
+            Answer::Raw { ty: t, used_len } => (Some(t), used_len),
+            Answer::Stale => (None, RESPONSE_SIZE),
+            Answer::Silent => {
+                s.lost = true;
+                (None, 0)
+            }
+        };
+        s.requests.push(
+            Request {
+                ty,
+                addr,
+                nb_blocks,
+                answer: written,
+            },
+            GFP_KERNEL,
+        )?;
+        if answer == Answer::Silent {
+            return Err(ETIMEDOUT);
+        }
+        if let Some(t) = written {
+            resp[0..2].copy_from_slice(&t.to_le_bytes());
+        }
+        Ok(len)
+    }
+}
+
+impl Platform for MockPlatform {
+    type Transport = MockTransport;
+
+    fn mm_limits(&self) -> Limits {
+        if self.0.state.lock().real_limits {
+            crate::glue::mm_limits()
+        } else {
+            mock_limits()
+        }
+    }
+
+    fn node(&self, _node_id: u16, _addr: u64) -> i32 {
+        0
+    }
+
+    fn has_acpi_pxm(&self) -> bool {
+        false
+    }
+
+    fn hotplug_init(&self, _addr: u64, _size: u64, _nid: i32, _unit: u64) -> Result {
+        Ok(())
+    }
+
+    fn queue_work(&self, delay_ms: u32) {
+        // Out of memory only loses the record; the tests see it as a missing entry.
+        let _ = self.0.state.lock().queued.push(delay_ms, GFP_KERNEL);
+    }
+
+    fn add_memory(&self, addr: u64, size: u64) -> Result {
+        let mut s = self.0.state.lock();
+        if s.fail_add > 0 {
+            s.fail_add -= 1;
+            return Err(ENOMEM);
+        }
+        let pfn = addr / PAGE;
+        s.move_chunks(pfn, size / PAGE, &[Chunk::Absent], Chunk::Offline);
+        s.added.push(addr, GFP_KERNEL)?;
+        Ok(())
+    }
+
+    fn offline_and_remove(&self, addr: u64, size: u64) -> Result {
+        let mut s = self.0.state.lock();
+        if s.fail_remove > 0 {
+            s.fail_remove -= 1;
+            return Err(EBUSY);
+        }
+        let Some(range) = s.chunks_of(addr / PAGE, size / PAGE) else {
+            s.violations += 1;
+            return Err(EINVAL);
+        };
+        for c in range {
+            if s.chunks[c] == Chunk::Absent || s.chunk_plugged(c) {
+                pr_err!(
+                    "mock: removing chunk {} ({:?}, plugged or absent)\n",
+                    c,
+                    s.chunks[c]
+                );
+                s.violations += 1;
+            }
+            s.chunks[c] = Chunk::Absent;
+        }
+        s.removed.push(addr, GFP_KERNEL)?;
+        Ok(())
+    }
+
+    fn unplug_online(&self) -> bool {
+        self.0.state.lock().unplug_online
+    }
+
+    fn drop_slab(&self) -> bool {
+        self.0.state.lock().drop_slab_calls += 1;
+        true
+    }
+
+    fn explain_busy(&self, _pfn: u64, _nr: u64) {}
+
+    fn online_pages(&self, pfn: u64, order: u32) {
+        let mut s = self.0.state.lock();
+        s.move_chunks(pfn, 1 << order, &[Chunk::Offline], Chunk::Buddy);
+    }
+
+    fn keep_fake_offline(&self, pfn: u64, nr: u64) {
+        let mut s = self.0.state.lock();
+        s.move_chunks(pfn, nr, &[Chunk::Offline], Chunk::FakeOffline);
+    }
+
+    fn fake_online(&self, pfn: u64, nr: u64) {
+        let mut s = self.0.state.lock();
+        s.move_chunks(pfn, nr, &[Chunk::FakeOffline], Chunk::Buddy);
+    }
+
+    fn fake_offline(&self, pfn: u64, nr: u64) -> Result {
+        let mut s = self.0.state.lock();
+        if s.fail_fake_offline > 0 {
+            s.fail_fake_offline -= 1;
+            return Err(EBUSY);
+        }
+        s.move_chunks(pfn, nr, &[Chunk::Buddy], Chunk::FakeOffline);
+        Ok(())
+    }
+
+    fn is_movable(&self, _pfn: u64) -> bool {
+        self.0.state.lock().movable
+    }
+
+    fn going_offline(&self, pfn: u64, nr: u64) {
+        let mut s = self.0.state.lock();
+        s.move_chunks(pfn, nr, &[Chunk::FakeOffline], Chunk::FakeOffline);
+    }
+
+    fn cancel_offline(&self, pfn: u64, nr: u64) {
+        let mut s = self.0.state.lock();
+        s.move_chunks(pfn, nr, &[Chunk::FakeOffline], Chunk::FakeOffline);
+    }
+}

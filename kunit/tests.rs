@@ -1,0 +1,675 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! KUnit suites of virtio_mem_rust (`CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST`).
+//!
+//! The driver's logic ([`VirtioMem`]) runs on the scripted mock device of `mock.rs`; each
+//! test drives it as the glue would (config change, worker run, memory notifier, online
+//! page callback) and checks what the device and the memory model saw. Each test proves one
+//! check of the driver: without that check it fails.
+//!
+//! - `virtio_mem_rust_config`: configs a device may present, at probe and at runtime;
+//! - `virtio_mem_rust_responses`: answers a device may give, and failures of core mm.
+
+use crate::{
+    config::RawConfig,
+    device::{MemEvent, NotifyAnswer, VirtioMem},
+    mock::{
+        new_mock, qemu_config, Answer, Chunk, MockPlatform, Shared, State, ACK, BUSY, ERROR,
+        MEMORY_BLOCK, NACK, PAGE, PLUG, UNPLUG, UNPLUG_ALL,
+    },
+};
+use kernel::{
+    device::Device,
+    faux,
+    prelude::*,
+    str::CStr,
+    sync::{aref::ARef, Arc},
+};
+
+const MIB: u64 = 1 << 20;
+/// The largest order core mm onlines at once on x86-64 (`MAX_PAGE_ORDER`).
+const ONLINE_ORDER: u32 = 10;
+
+/// Probes the driver's logic on a mock device with config `cfg`. `Err` if it refuses the
+/// device.
+fn probe(name: &CStr, cfg: RawConfig, tweak: impl FnOnce(&mut State)) -> Result<Fixture> {
+    let (platform, transport) = new_mock(cfg)?;
+    let mock = platform.0.clone();
+    tweak(&mut mock.state.lock());
+    let reg = faux::Registration::new(name, None)?;
+    let dev: ARef<Device> = reg.as_ref().into();
+    let vm = VirtioMem::new(platform, transport, dev)?;
+    vm.start()?;
+    Ok(Fixture {
+        vm,
+        mock,
+        onlined: 0,
+        _reg: reg,
+    })
+}
+
+/// Whether the driver refuses a device with config `cfg`, and how many requests it sent.
+fn refused(name: &CStr, cfg: RawConfig) -> Result<(bool, usize)> {
+    let (platform, transport) = new_mock(cfg)?;
+    let mock = platform.0.clone();
+    let reg = faux::Registration::new(name, None)?;
+    let res = VirtioMem::new(platform, transport, reg.as_ref().into());
+    let refused = matches!(res, Err(e) if e == EINVAL);
+    let requests = mock.state.lock().requests.len();
+    Ok((refused, requests))
+}
+
+/// One mock device driven by the driver's logic.
+struct Fixture {
+    vm: Arc<VirtioMem<MockPlatform>>,
+    mock: Arc<Shared>,
+    /// Added memory blocks onlined so far.
+    onlined: usize,
+    _reg: faux::Registration,
+}
+
+/// What the device, the memory model and the driver show, at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Snap {
+    requests: usize,
+    plugs: usize,
+    unplugs: usize,
+    unplug_alls: usize,
+    /// Bytes plugged, by the device's blocks.
+    device: u64,
+    /// Bytes plugged, by the driver's count.
+    driver: u64,
+    broken: bool,
+    /// ERRORs the device gave to invalid requests.
+    invalid: u32,
+    /// Kernel bugs the driver would have caused.
+    violations: u32,
+    buddy: usize,
+    fake_offline: usize,
+    /// Fake-offline chunks the device has plugged.
+    held: usize,
+    added: usize,
+    removed: usize,
+    /// Worker runs queued, and the last delay.
+    queued: usize,
+    last_delay: Option<u32>,
+}
+
+impl Fixture {
+    fn snap(&self) -> Snap {
+        let (driver, broken) = self.vm.status();
+        let s = self.mock.state.lock();
+        Snap {
+            requests: s.requests.len(),
+            plugs: s.nr_requests(PLUG),
+            unplugs: s.nr_requests(UNPLUG),
+            unplug_alls: s.nr_requests(UNPLUG_ALL),
+            device: s.device_plugged(),
+            driver,
+            broken,
+            invalid: s.invalid_requests,
+            violations: s.violations,
+            buddy: s.count(Chunk::Buddy),
+            fake_offline: s.count(Chunk::FakeOffline),
+            held: s.held_plugged(),
+            added: s.added.len(),
+            removed: s.removed.len(),
+            queued: s.queued.len(),
+            last_delay: s.queued.last().copied(),
+        }
+    }
+
+    /// Changes the config as the device would, and tells the driver.
+    fn set(&self, f: impl FnOnce(&mut RawConfig)) {
+        f(&mut self.mock.state.lock().cfg);
+        self.vm.config_changed();
+    }
+
+    /// The operator asks for `requested` bytes; the worker runs once.
+    fn resize(&self, requested: u64) {
+        self.set(|c| c.requested_size = requested);
+        self.vm.run();
+    }
+
+    /// The device's next answers.
+    fn script(&self, answers: &[Answer]) -> Result {
+        let mut s = self.mock.state.lock();
+        for a in answers {
+            s.script.push(*a, GFP_KERNEL)?;
+        }
+        Ok(())
+    }
+
+    fn with(&self, f: impl FnOnce(&mut State)) {
+        f(&mut self.mock.state.lock());
+    }
+
+    /// Onlines every memory block added since the last call, as core mm does: the memory
+    /// notifier, then the online page callback in `MAX_PAGE_ORDER` pieces.
+    fn online_added(&mut self) -> Result {
+        loop {
+            let addr = {
+                let s = self.mock.state.lock();
+                match s.added.get(self.onlined) {
+                    Some(&a) => a,
+                    None => return Ok(()),
+                }
+            };
+            self.onlined += 1;
+            let ev = |e| self.vm.memory_event(e, addr, MEMORY_BLOCK, false);
+            if ev(MemEvent::GoingOnline) != NotifyAnswer::Ok {
+                return Err(EINVAL);
+            }
+            let step = PAGE << ONLINE_ORDER;
+            for off in (0..MEMORY_BLOCK).step_by(step as usize) {
+                self.vm.online_pages((addr + off) / PAGE, ONLINE_ORDER);
+            }
+            ev(MemEvent::Online);
+        }
+    }
+
+    /// Grows to `size` with the device answering as QEMU and onlines what was added.
+    fn grow_online(&mut self, size: u64) -> Result<Snap> {
+        self.resize(size);
+        self.online_added()?;
+        Ok(self.snap())
+    }
+}
+
+#[kunit_tests(virtio_mem_rust_config)]
+mod config_suite {
+    use super::*;
+
+    #[test]
+    fn qemu_config_with_the_real_mm_limits() -> Result {
+        // The running kernel's page, pageblock and memory block sizes and pluggable range.
+        let mut f = probe(c"vmr-kunit-real-limits", qemu_config(), |s| {
+            s.real_limits = true
+        })?;
+        let s = f.grow_online(256 * MIB)?;
+        assert_eq!(s.device, 256 * MIB);
+        assert_eq!(s.driver, 256 * MIB);
+        assert_eq!(s.invalid, 0);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn block_size_zero() -> Result {
+        let cfg = RawConfig {
+            block_size: 0,
+            ..qemu_config()
+        };
+        assert_eq!(refused(c"vmr-kunit-bs0", cfg)?, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn block_size_not_a_power_of_two() -> Result {
+        let cfg = RawConfig {
+            block_size: 3 * MIB,
+            region_size: 3 << 30,
+            usable_region_size: 3 << 30,
+            addr: 3 << 32,
+            ..qemu_config()
+        };
+        assert_eq!(refused(c"vmr-kunit-bs3m", cfg)?, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn block_size_2_pow_63() -> Result {
+        let cfg = RawConfig {
+            block_size: 1 << 63,
+            addr: 1 << 63,
+            region_size: 1 << 63,
+            usable_region_size: 1 << 63,
+            ..qemu_config()
+        };
+        assert_eq!(refused(c"vmr-kunit-bs2p63", cfg)?, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn addr_not_aligned() -> Result {
+        let cfg = RawConfig {
+            addr: (4 << 30) + MIB,
+            ..qemu_config()
+        };
+        assert_eq!(refused(c"vmr-kunit-addr", cfg)?, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn region_end_overflows() -> Result {
+        let cfg = RawConfig {
+            addr: u64::MAX - (2 * MIB - 1),
+            ..qemu_config()
+        };
+        assert_eq!(refused(c"vmr-kunit-overflow", cfg)?, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn usable_larger_than_region() -> Result {
+        let cfg = RawConfig {
+            usable_region_size: 2 << 30,
+            ..qemu_config()
+        };
+        assert_eq!(refused(c"vmr-kunit-usable", cfg)?, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn requested_larger_than_usable() -> Result {
+        let cfg = RawConfig {
+            usable_region_size: 512 * MIB,
+            requested_size: 768 * MIB,
+            ..qemu_config()
+        };
+        assert_eq!(refused(c"vmr-kunit-req", cfg)?, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn requested_not_a_block_multiple() -> Result {
+        let cfg = RawConfig {
+            requested_size: 3 * MIB,
+            ..qemu_config()
+        };
+        assert_eq!(refused(c"vmr-kunit-req-align", cfg)?, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn subblock_needs_more_than_65535_blocks() -> Result {
+        // 16-byte blocks: a 2 MiB subblock is 131072 of them, more than one request holds.
+        let cfg = RawConfig {
+            block_size: 16,
+            ..qemu_config()
+        };
+        assert_eq!(refused(c"vmr-kunit-tiny", cfg)?, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn plug_of_more_than_65535_blocks_is_split() -> Result {
+        // 1 KiB blocks: a 128 MiB memory block is 131072 of them.
+        let cfg = RawConfig {
+            block_size: 1024,
+            region_size: 256 * MIB,
+            usable_region_size: 256 * MIB,
+            ..qemu_config()
+        };
+        let f = probe(c"vmr-kunit-split", cfg, |_| {})?;
+        f.resize(128 * MIB);
+        let s = f.snap();
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.invalid, 0);
+        assert!(s.plugs >= 3);
+        let st = f.mock.state.lock();
+        let total: u64 = st.requests.iter().map(|r| u64::from(r.nb_blocks)).sum();
+        let aligned = st.requests.iter().all(|r| r.addr % (2 * MIB) == 0);
+        drop(st);
+        assert_eq!(total, 131072);
+        assert!(aligned);
+        Ok(())
+    }
+
+    #[test]
+    fn requested_beyond_usable_at_runtime_is_ignored() -> Result {
+        let mut f = probe(c"vmr-kunit-rt-req", qemu_config(), |_| {})?;
+        f.set(|c| c.usable_region_size = 512 * MIB);
+        let before = f.grow_online(256 * MIB)?;
+        f.resize(768 * MIB);
+        let s = f.snap();
+        assert_eq!(s.requests, before.requests);
+        assert_eq!(s.driver, 256 * MIB);
+        assert!(!s.broken);
+        Ok(())
+    }
+
+    #[test]
+    fn requested_not_a_block_multiple_at_runtime_is_ignored() -> Result {
+        let mut f = probe(c"vmr-kunit-rt-align", qemu_config(), |_| {})?;
+        let before = f.grow_online(256 * MIB)?;
+        f.resize(256 * MIB + MIB);
+        let s = f.snap();
+        assert_eq!(s.requests, before.requests);
+        assert_eq!(s.device, 256 * MIB);
+        Ok(())
+    }
+
+    #[test]
+    fn usable_shrinking_without_unplug_all_is_ignored() -> Result {
+        let mut f = probe(c"vmr-kunit-rt-usable", qemu_config(), |_| {})?;
+        let before = f.grow_online(512 * MIB)?;
+        assert_eq!(before.device, 512 * MIB);
+        // The device shrinks its usable region below the plugged memory, without UNPLUG_ALL.
+        f.set(|c| {
+            c.usable_region_size = 256 * MIB;
+            c.requested_size = 0;
+        });
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.requests, before.requests);
+        assert_eq!(s.invalid, 0);
+        assert!(!s.broken);
+        assert_eq!(s.driver, 512 * MIB);
+        Ok(())
+    }
+
+    #[test]
+    fn plugged_size_disagreeing_is_not_trusted() -> Result {
+        let mut f = probe(c"vmr-kunit-rt-plugged", qemu_config(), |_| {})?;
+        let before = f.grow_online(256 * MIB)?;
+        // The device claims more plugged than this driver plugged.
+        f.set(|c| c.plugged_size = 768 * MIB);
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.requests, before.requests);
+        assert_eq!(s.device, 256 * MIB);
+        assert_eq!(s.driver, 256 * MIB);
+        // Its own count is what it gives back.
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(s.device, 0);
+        assert_eq!(s.driver, 0);
+        assert_eq!(s.invalid, 0);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn memory_plugged_at_probe_is_unplugged_first() -> Result {
+        let cfg = RawConfig {
+            plugged_size: 256 * MIB,
+            ..qemu_config()
+        };
+        let f = probe(c"vmr-kunit-probe-plugged", cfg, |_| {})?;
+        f.resize(128 * MIB);
+        let first = f.mock.state.lock().requests.first().map(|r| r.ty);
+        let s = f.snap();
+        assert_eq!(first, Some(UNPLUG_ALL));
+        assert_eq!(s.unplug_alls, 1);
+        assert_eq!(s.device, 128 * MIB);
+        Ok(())
+    }
+}
+
+#[kunit_tests(virtio_mem_rust_responses)]
+mod responses_suite {
+    use super::*;
+
+    #[test]
+    fn qemu_device_grow_and_shrink() -> Result {
+        let mut f = probe(c"vmr-kunit-model", qemu_config(), |_| {})?;
+        let s = f.grow_online(512 * MIB)?;
+        assert_eq!(s.device, 512 * MIB);
+        assert_eq!(s.added, 4);
+        assert_eq!(s.buddy, 256);
+        f.resize(128 * MIB);
+        let s = f.snap();
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.driver, 128 * MIB);
+        assert_eq!(s.removed, 3);
+        assert_eq!(s.buddy, 64);
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(s.device, 0);
+        assert_eq!(s.removed, 4);
+        assert_eq!(s.buddy + s.fake_offline, 0);
+        assert_eq!(s.invalid, 0);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn nack_to_plug_waits_for_a_config_change() -> Result {
+        let f = probe(c"vmr-kunit-nack-plug", qemu_config(), |_| {})?;
+        f.script(&[Answer::Raw {
+            ty: NACK,
+            used_len: 10,
+        }])?;
+        f.resize(256 * MIB);
+        let s = f.snap();
+        assert_eq!(s.requests, 1);
+        assert_eq!(s.driver, 0);
+        // Woken again without a change: no new try (the C driver retries at once, for ever).
+        f.vm.run();
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.requests, 1);
+        assert_eq!(s.queued, 0);
+        assert!(!s.broken);
+        // A new requested size: plug.
+        f.resize(258 * MIB);
+        let s = f.snap();
+        assert_eq!(s.device, 258 * MIB);
+        assert_eq!(s.driver, 258 * MIB);
+        Ok(())
+    }
+
+    #[test]
+    fn nack_to_unplug_hands_the_pages_back() -> Result {
+        let mut f = probe(c"vmr-kunit-nack-unplug", qemu_config(), |_| {})?;
+        f.grow_online(256 * MIB)?;
+        f.script(&[Answer::Raw {
+            ty: NACK,
+            used_len: 10,
+        }])?;
+        f.resize(128 * MIB);
+        let s = f.snap();
+        assert!(!s.broken);
+        // Whatever was NACKed is plugged and back in the buddy, not held.
+        assert_eq!(s.held, 0);
+        assert_eq!(s.violations, 0);
+        assert_eq!(s.invalid, 0);
+        // And it converges.
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.driver, 128 * MIB);
+        assert_eq!(s.held, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn busy_backs_off_then_resets() -> Result {
+        let f = probe(c"vmr-kunit-busy", qemu_config(), |_| {})?;
+        let busy = Answer::Raw {
+            ty: BUSY,
+            used_len: 10,
+        };
+        f.script(&[busy; 5])?;
+        f.resize(256 * MIB);
+        for _ in 0..4 {
+            f.vm.run();
+        }
+        let delays: KVec<u32> = {
+            let s = f.mock.state.lock();
+            let mut v = KVec::new();
+            for d in s.queued.iter() {
+                v.push(*d, GFP_KERNEL)?;
+            }
+            v
+        };
+        assert_eq!(&delays[..], &[1000, 2000, 4000, 8000, 16000][..]);
+        assert_eq!(f.snap().device, 0);
+        // The timer fires: the device answers again.
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.device, 256 * MIB);
+        assert!(!s.broken);
+        // The next BUSY starts the schedule over.
+        f.script(&[busy])?;
+        f.resize(512 * MIB);
+        let s = f.snap();
+        assert_eq!(s.last_delay, Some(1000));
+        Ok(())
+    }
+
+    #[test]
+    fn error_to_plug_marks_the_device_broken() -> Result {
+        let f = probe(c"vmr-kunit-error-plug", qemu_config(), |_| {})?;
+        f.script(&[Answer::Raw {
+            ty: ERROR,
+            used_len: 10,
+        }])?;
+        f.resize(256 * MIB);
+        let s = f.snap();
+        assert!(s.broken);
+        assert_eq!(s.requests, 1);
+        assert_eq!(s.added, 0);
+        // No further request, whatever is asked.
+        f.resize(512 * MIB);
+        f.resize(0);
+        assert_eq!(f.snap().requests, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn error_to_unplug_keeps_the_memory_offline() -> Result {
+        let mut f = probe(c"vmr-kunit-error-unplug", qemu_config(), |_| {})?;
+        let before = f.grow_online(256 * MIB)?;
+        f.script(&[Answer::Raw {
+            ty: ERROR,
+            used_len: 10,
+        }])?;
+        f.resize(128 * MIB);
+        let s = f.snap();
+        assert!(s.broken);
+        assert_eq!(s.requests, before.requests + 1);
+        // The range of the failed UNPLUG (a whole memory block) stays fake-offline: its
+        // state in the device is unknown (the C driver hands it back to the buddy).
+        assert_eq!(s.held, 64);
+        assert_eq!(s.violations, 0);
+        f.resize(0);
+        assert_eq!(f.snap().requests, before.requests + 1);
+        f.vm.remove();
+        assert_eq!(f.snap().held, 64);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_response_type_marks_the_device_broken() -> Result {
+        let mut f = probe(c"vmr-kunit-unknown", qemu_config(), |_| {})?;
+        let before = f.grow_online(256 * MIB)?;
+        f.script(&[Answer::Raw {
+            ty: 7,
+            used_len: 10,
+        }])?;
+        f.resize(128 * MIB);
+        let s = f.snap();
+        assert!(s.broken);
+        assert_eq!(s.held, 64);
+        assert_eq!(s.violations, 0);
+        f.resize(0);
+        assert_eq!(f.snap().requests, before.requests + 1);
+        Ok(())
+    }
+
+    #[test]
+    fn short_used_length_is_not_an_answer() -> Result {
+        let f = probe(c"vmr-kunit-short", qemu_config(), |_| {})?;
+        // An ACK in the buffer, but the device says it wrote one byte.
+        f.script(&[Answer::Raw {
+            ty: ACK,
+            used_len: 1,
+        }])?;
+        f.resize(256 * MIB);
+        let s = f.snap();
+        assert!(s.broken);
+        assert_eq!(s.driver, 0);
+        assert_eq!(s.added, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn stale_buffer_is_not_an_answer() -> Result {
+        let f = probe(c"vmr-kunit-stale", qemu_config(), |_| {})?;
+        // The first PLUG is ACKed; the device claims to answer the second without writing.
+        f.script(&[Answer::Model, Answer::Stale])?;
+        f.resize(256 * MIB);
+        let s = f.snap();
+        assert!(s.broken);
+        assert_eq!(s.requests, 2);
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.driver, 128 * MIB);
+        assert_eq!(s.added, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn silent_device_times_out_and_unbind_completes() -> Result {
+        let f = probe(c"vmr-kunit-silent", qemu_config(), |_| {})?;
+        f.script(&[Answer::Silent])?;
+        f.resize(256 * MIB);
+        let s = f.snap();
+        assert!(s.broken);
+        assert_eq!(s.requests, 1);
+        assert_eq!(s.added, 0);
+        f.resize(512 * MIB);
+        assert_eq!(f.snap().requests, 1);
+        // Unbind: returns, nothing waits on the device.
+        f.vm.remove();
+        assert_eq!(f.snap().requests, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn fake_offline_failure_retries_later() -> Result {
+        let mut f = probe(c"vmr-kunit-busy-pages", qemu_config(), |_| {})?;
+        let before = f.grow_online(256 * MIB)?;
+        f.with(|s| s.fail_fake_offline = 1000);
+        f.resize(0);
+        let s = f.snap();
+        // Nothing could be freed: nothing is unplugged, a retry is queued.
+        assert_eq!(s.unplugs, 0);
+        assert_eq!(s.buddy, before.buddy);
+        assert!(s.last_delay.is_some_and(|d| d > 0));
+        assert!(!s.broken);
+        f.with(|s| s.fail_fake_offline = 0);
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.device, 0);
+        assert_eq!(s.removed, 2);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn add_memory_failure_unplugs_again() -> Result {
+        let f = probe(c"vmr-kunit-add-fail", qemu_config(), |s| s.fail_add = 1)?;
+        f.resize(128 * MIB);
+        let s = f.snap();
+        assert_eq!(s.plugs, 1);
+        assert_eq!(s.unplugs, 1);
+        assert_eq!(s.device, 0);
+        assert_eq!(s.driver, 0);
+        assert!(s.last_delay.is_some_and(|d| d > 0));
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.added, 1);
+        assert_eq!(s.invalid, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn removal_failure_is_retried() -> Result {
+        let mut f = probe(c"vmr-kunit-remove-fail", qemu_config(), |_| {})?;
+        f.grow_online(256 * MIB)?;
+        f.with(|s| s.fail_remove = 1);
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(s.device, 0);
+        assert_eq!(s.removed, 1);
+        assert!(s.last_delay.is_some_and(|d| d > 0));
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.removed, 2);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+}
