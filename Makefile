@@ -23,6 +23,7 @@ setup:
 kernels: setup
 	vm-scripts/build-kernel rust
 	vm-scripts/build-kernel upstream
+	vm-scripts/build-kernel debug
 
 initramfs: setup
 	vm-scripts/build-initramfs

@@ -22,6 +22,7 @@ PYTEST_PIN=8.3.5
 KSRC=$CACHE/linux-$LINUX_SERIES
 KBUILD_RUST=$CACHE/kbuild-rust
 KBUILD_UPSTREAM=$CACHE/kbuild-upstream
+KBUILD_DEBUG=$CACHE/kbuild-debug
 VENV=$CACHE/venv
 JOBS=${JOBS:-$(( $(nproc) + 1 ))}
 
