@@ -4,7 +4,7 @@
 # a kernel tree (CONFIG_VIRTIO_MEM_RUST) or out of tree with make -C <kernel build dir> M=$PWD.
 #
 #   make demo    set up, build, boot a VM and show its memory growing (the main job)
-#   make test    set up, build and run every test
+#   make test    set up, build and run every test (style, host, KUnit, boot), with counts
 #   make bench   the resize scenarios on both kernels, timed over QMP
 #   make run     an interactive VM (Ctrl-A c for the QEMU monitor)
 
@@ -15,7 +15,8 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup kernels initramfs demo bench test run check-style host-tests vm-tests clean
+.PHONY: setup kernels initramfs demo bench test run check-style host-tests kunit vm-tests \
+	mutants clean
 
 setup:
 	vm-scripts/setup
@@ -44,10 +45,20 @@ check-style: kernels
 host-tests: setup
 	cd host-tests && CARGO_TARGET_DIR=$(CACHE)/host-tests-target cargo test --release --lib
 
+# The KUnit suites through the kernel's kunit.py, under QEMU.
+kunit: setup
+	vm-scripts/kunit
+
 vm-tests: kernels initramfs
 	$(PY) -m pytest -v -rA vm-scripts/tests $(PYTEST_ARGS)
 
-test: check-style host-tests vm-tests
+# Every layer (style, host, KUnit, boot tests on the three kernels), with counts per layer.
+test: kernels initramfs
+	vm-scripts/test-all
+
+# Removes each validation of the driver in turn; a test must notice (about 30 minutes).
+mutants: kernels
+	$(PY) vm-scripts/mutants
 
 clean:
 	rm -rf build
