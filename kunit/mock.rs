@@ -137,7 +137,9 @@ pub(crate) struct State {
     /// The `unplug_online` parameter; whether memory is in ZONE_MOVABLE.
     pub(crate) unplug_online: bool,
     pub(crate) movable: bool,
-    /// Use the running kernel's real limits instead of [`mock_limits`].
+    /// The kernel limits the driver is told of, unless `real_limits`.
+    pub(crate) limits: Limits,
+    /// Use the running kernel's real limits instead.
     pub(crate) real_limits: bool,
     pub(crate) drop_slab_calls: u32,
 }
@@ -320,6 +322,7 @@ pub(crate) fn new_mock(cfg: RawConfig) -> Result<(MockPlatform, MockTransport)> 
         fail_remove: 0,
         unplug_online: true,
         movable: false,
+        limits: mock_limits(),
         real_limits: false,
         drop_slab_calls: 0,
     };
@@ -398,10 +401,11 @@ impl Platform for MockPlatform {
     type Transport = MockTransport;
 
     fn mm_limits(&self) -> Limits {
-        if self.0.state.lock().real_limits {
+        let s = self.0.state.lock();
+        if s.real_limits {
             crate::glue::mm_limits()
         } else {
-            mock_limits()
+            s.limits
         }
     }
 

@@ -50,8 +50,18 @@ fn probe(name: &CStr, cfg: RawConfig, tweak: impl FnOnce(&mut State)) -> Result<
 
 /// Whether the driver refuses a device with config `cfg`, and how many requests it sent.
 fn refused(name: &CStr, cfg: RawConfig) -> Result<(bool, usize)> {
+    refused_with(name, cfg, |_| {})
+}
+
+/// [`refused`], with the mock changed by `tweak` first.
+fn refused_with(
+    name: &CStr,
+    cfg: RawConfig,
+    tweak: impl FnOnce(&mut State),
+) -> Result<(bool, usize)> {
     let (platform, transport) = new_mock(cfg)?;
     let mock = platform.0.clone();
+    tweak(&mut mock.state.lock());
     let reg = faux::Registration::new(name, None)?;
     let res = VirtioMem::new(platform, transport, reg.as_ref().into());
     let refused = matches!(res, Err(e) if e == EINVAL);
@@ -247,6 +257,72 @@ mod config_suite {
             ..qemu_config()
         };
         assert_eq!(refused(c"vmr-kunit-overflow", cfg)?, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn region_size_zero() -> Result {
+        let cfg = RawConfig {
+            addr: 0,
+            region_size: 0,
+            usable_region_size: 0,
+            ..qemu_config()
+        };
+        assert_eq!(refused(c"vmr-kunit-region0", cfg)?, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn region_size_not_a_block_multiple() -> Result {
+        let cfg = RawConfig {
+            region_size: (1 << 30) + MIB,
+            ..qemu_config()
+        };
+        assert_eq!(refused(c"vmr-kunit-region-align", cfg)?, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn region_below_the_pluggable_range() -> Result {
+        let cfg = qemu_config();
+        let res = refused_with(c"vmr-kunit-below", cfg, |s| {
+            s.limits.pluggable_start = cfg.addr + cfg.region_size;
+        })?;
+        assert_eq!(res, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn region_beyond_the_pluggable_range() -> Result {
+        let cfg = qemu_config();
+        let res = refused_with(c"vmr-kunit-beyond", cfg, |s| {
+            s.limits.pluggable_end = cfg.addr + cfg.region_size / 2;
+        })?;
+        assert_eq!(res, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn region_without_a_whole_memory_block() -> Result {
+        // 64 MiB at 4 GiB + 96 MiB: no aligned 128 MiB block inside.
+        let cfg = RawConfig {
+            addr: (4 << 30) + 96 * MIB,
+            region_size: 64 * MIB,
+            usable_region_size: 64 * MIB,
+            ..qemu_config()
+        };
+        assert_eq!(refused(c"vmr-kunit-no-block", cfg)?, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn block_of_a_memory_block_needs_big_block_mode() -> Result {
+        // Not supported yet: refused rather than misused.
+        let cfg = RawConfig {
+            block_size: MEMORY_BLOCK,
+            ..qemu_config()
+        };
+        assert_eq!(refused(c"vmr-kunit-bbm", cfg)?, (true, 0));
         Ok(())
     }
 
