@@ -36,3 +36,16 @@ rust_env() {
 	export LIBCLANG_PATH=$CACHE/libclang/libclang-$LIBCLANG_PIN.data/platlib/clang/native
 	export PATH=$CACHE/cargo/bin:$HOME/.cargo/bin:$PATH
 }
+
+# Joins the project to the cached kernel tree (idempotent): our files under
+# drivers/virtio/virtio_mem_rust/ and one line each in drivers/virtio/{Kconfig,Makefile}.
+join_tree() {
+	local dst=$KSRC/drivers/virtio/virtio_mem_rust
+	mkdir -p "$dst"
+	rsync -a --delete --checksum "$REPO/Kbuild" "$REPO/Kconfig" "$REPO/drivers" \
+		"$REPO/include-uapi" "$REPO/kunit" "$dst/"
+	grep -q 'virtio_mem_rust/Kconfig' "$KSRC/drivers/virtio/Kconfig" ||
+		echo 'source "drivers/virtio/virtio_mem_rust/Kconfig"' >> "$KSRC/drivers/virtio/Kconfig"
+	grep -q 'virtio_mem_rust/' "$KSRC/drivers/virtio/Makefile" ||
+		echo 'obj-y += virtio_mem_rust/' >> "$KSRC/drivers/virtio/Makefile"
+}
