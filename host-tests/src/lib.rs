@@ -16,3 +16,5 @@ pub(crate) mod sbm;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod model;
