@@ -382,9 +382,9 @@ impl<P: Platform> VirtioMem<P> {
                 return false;
             }
         }
-        if sizes.requested != g.sizes.requested {
-            g.nacked_at = None;
-        }
+        // Any change may make a refused plug possible (the requested size may even have
+        // gone and come back between two reads).
+        g.nacked_at = None;
         dev_info!(
             self.dev,
             "requested size {:#x}, plugged size {:#x}, usable region {:#x}\n",
@@ -453,6 +453,10 @@ impl<P: Platform> VirtioMem<P> {
         addr: u64,
         nb_blocks: u16,
     ) -> Option<Response> {
+        // Nothing more goes to a device that answered ERROR, nothing or nonsense.
+        if g.broken {
+            return None;
+        }
         let req = protocol::encode_request(ty, addr, nb_blocks);
         let Inner { chan, resp, .. } = g;
         // Whatever the device leaves unwritten, or left from an earlier answer, is invalid.
@@ -609,6 +613,7 @@ impl<P: Platform> VirtioMem<P> {
                         let (undone, _) =
                             self.request_sbs(&mut g, RequestType::Unplug, mb, 0, done);
                         let Mode::Sbm(sbm) = &mut g.mode;
+                        sbm.unplugged(mb, 0, undone);
                         sbm.add_failed(mb, undone == done);
                         let stop = if g.broken {
                             Stop::Broken
@@ -857,7 +862,7 @@ impl<P: Platform> VirtioMem<P> {
         movable: bool,
     ) -> NotifyAnswer {
         let mut g = self.inner.lock();
-        let removing = g.removing;
+        let (removing, broken) = (g.removing, g.broken);
         let Some(mb) = self.geo.mb_exactly(start, size) else {
             if matches!(event, MemEvent::GoingOnline | MemEvent::GoingOffline) {
                 dev_warn!(
@@ -883,6 +888,17 @@ impl<P: Platform> VirtioMem<P> {
         };
         match event {
             MemEvent::GoingOnline if removing => return refuse("online", sbm.state(mb)),
+            // After a lost or invalid answer, subblocks marked plugged may not be: nothing
+            // of a broken device goes online any more.
+            MemEvent::GoingOnline if broken => {
+                dev_warn!(
+                    self.dev,
+                    "refusing to online memory block {:#x}: the device is broken, the state of \
+                     its memory unknown\n",
+                    start
+                );
+                return NotifyAnswer::Bad;
+            }
             MemEvent::GoingOffline if removing => return refuse("offline", sbm.state(mb)),
             MemEvent::GoingOnline => {
                 if let Err(s) = sbm.going_online(mb) {
@@ -913,6 +929,9 @@ impl<P: Platform> VirtioMem<P> {
                         .going_offline(self.sb_pfn(mb, first), self.sb_pages(count));
                 }
             }
+            // Core mm cancels for every notifier, also when ours refused or was never asked
+            // (an earlier one refused): only undo what our GOING_OFFLINE did.
+            MemEvent::CancelOffline if !(sbm.in_transition(mb) && sbm.state(mb).is_online()) => {}
             MemEvent::CancelOffline => {
                 for (first, count) in sbm.unplugged_runs(mb) {
                     self.platform

@@ -438,6 +438,10 @@ impl<W: DerefMut<Target = [u64]>> Sbm<W> {
     /// Subblocks `first .. first + count` of block `mb` were unplugged. Returns whether
     /// the block has no plugged subblock left (it can be removed).
     pub(crate) fn unplugged(&mut self, mb: usize, first: usize, count: usize) -> bool {
+        if count == 0 {
+            // Nothing changed (BUSY, NACK): the block keeps its state.
+            return self.plugged(mb, 0, self.sbs_per_mb) == Plugged::None;
+        }
         self.set_bits(mb, first, count, false);
         let partial = match self.state(mb) {
             MbState::Offline => MbState::OfflinePartial,
