@@ -5,6 +5,7 @@ use crate::protocol::{split_run, BadResponse, Response, MAX_BLOCKS_PER_REQUEST};
 use crate::retry::{Backoff, DROP_SLAB_AFTER, MAX_MS, MIN_MS};
 use crate::sbm::{MbState, OnlineCursor, PlugStep, Plugged, Sbm, UnplugStep};
 use proptest::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -195,14 +196,57 @@ fn backoff_doubles_caps_resets_and_drops_slab() {
     assert_eq!(b.failed().delay_ms, MIN_MS);
 }
 
+/// Cases each property test's body actually ran (`generated cases: N` at its end).
+static ANY_CONFIG_CASES: AtomicU64 = AtomicU64::new(0);
+static SPLIT_CASES: AtomicU64 = AtomicU64::new(0);
+static BOOKKEEPING_CASES: AtomicU64 = AtomicU64::new(0);
+
+/// Runs a property (a `proptest!` function without `#[test]`) and prints how many cases
+/// its body ran: `generated cases: N` (shown with `cargo test -- --show-output`, summed up
+/// by `vm-scripts/test-all`).
+fn counted(name: &str, counter: &AtomicU64, property: fn()) {
+    property();
+    println!(
+        "{name}: generated cases: {}",
+        counter.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn any_config_is_safe() {
+    counted(
+        "any_config_is_safe",
+        &ANY_CONFIG_CASES,
+        any_config_is_safe_prop,
+    );
+}
+
+#[test]
+fn split_requests_fit_16_bits() {
+    counted(
+        "split_requests_fit_16_bits",
+        &SPLIT_CASES,
+        split_requests_fit_16_bits_prop,
+    );
+}
+
+#[test]
+fn bookkeeping_matches_the_model() {
+    counted(
+        "bookkeeping_matches_the_model",
+        &BOOKKEEPING_CASES,
+        bookkeeping_matches_the_model_prop,
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(3000))]
 
     /// Any config: never a panic; an accepted one keeps the geometry's invariants.
-    #[test]
-    fn any_config_is_safe(bs_shift in 0u32..64, bs_raw in any::<u64>(), use_raw in any::<bool>(),
+    fn any_config_is_safe_prop(bs_shift in 0u32..64, bs_raw in any::<u64>(), use_raw in any::<bool>(),
                           addr in any::<u64>(), region in any::<u64>(), usable in any::<u64>(),
                           plugged in any::<u64>(), requested in any::<u64>()) {
+        ANY_CONFIG_CASES.fetch_add(1, Ordering::Relaxed);
         let raw = RawConfig {
             block_size: if use_raw { bs_raw } else { 1 << bs_shift },
             addr, region_size: region, usable_region_size: usable,
@@ -223,8 +267,8 @@ proptest! {
     }
 
     /// Requests cover a run exactly, in order, each within 16 bits and whole subblocks.
-    #[test]
-    fn split_requests_fit_16_bits(count in 0usize..100_000, bpsb_shift in 0u32..16) {
+    fn split_requests_fit_16_bits_prop(count in 0usize..100_000, bpsb_shift in 0u32..16) {
+        SPLIT_CASES.fetch_add(1, Ordering::Relaxed);
         let bpsb = 1u64 << bpsb_shift;
         let mut next = 0;
         for (off, n) in split_run(count, bpsb) {
@@ -307,8 +351,8 @@ proptest! {
     /// Random sequences of resizes, add failures, busy memory, onlining and offlining: the
     /// bookkeeping and the model never disagree, plugs stay inside the usable region and on
     /// unplugged subblocks, unplugs on plugged ones, and a block is emptied before removal.
-    #[test]
-    fn bookkeeping_matches_the_model(ops in prop::collection::vec(op(), 1..40)) {
+    fn bookkeeping_matches_the_model_prop(ops in prop::collection::vec(op(), 1..40)) {
+        BOOKKEEPING_CASES.fetch_add(1, Ordering::Relaxed);
         let words = Sbm::<Vec<u64>>::words_needed(NR_MBS, SBS).unwrap();
         let mut sbm = Sbm::new(vec![0u64; words], NR_MBS, SBS).unwrap();
         let mut m = Model {
