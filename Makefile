@@ -43,7 +43,7 @@ check-style: kernels
 
 # The driver's plain-core modules on the host: unit and property tests (cargo test).
 host-tests: setup
-	cd host-tests && CARGO_TARGET_DIR=$(CACHE)/host-tests-target cargo test --release --lib
+	cd host-tests && CARGO_TARGET_DIR=$(CACHE)/host-tests-target cargo test --release --lib -- --show-output
 
 # The KUnit suites through the kernel's kunit.py, under QEMU.
 kunit: setup
