@@ -25,14 +25,29 @@ REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build"
 CACHE = Path(os.environ.get("VMR_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "virtio-mem-rust"))
 
-KERNELS = {"rust": BUILD / "bzImage", "upstream": BUILD / "bzImage-upstream"}
-DRIVERS = {"rust": "virtio_mem_rust", "upstream": "virtio_mem"}
+KERNELS = {"rust": BUILD / "bzImage", "upstream": BUILD / "bzImage-upstream",
+           "debug": BUILD / "bzImage-debug"}
+DRIVERS = {"rust": "virtio_mem_rust", "upstream": "virtio_mem", "debug": "virtio_mem_rust"}
+# Kernel command line of each kernel, before the caller's. The debug kernel (lockdep,
+# DEBUG_VM, DEBUG_ATOMIC_SLEEP, KFENCE, PAGE_OWNER; vm-scripts/debug.config) panics on any
+# WARN, KFENCE report included, and records the owner of every page.
+KERNEL_APPEND = {"debug": "panic_on_warn=1 page_owner=on"}
+# How much slower a kernel is than the rust kernel under TCG: Vm's default timeouts are
+# multiplied by it (measured: see vm-scripts/tests).
+SLOWDOWN = {"debug": 3.0}
 
 GiB = 1 << 30
 MiB = 1 << 20
 
-# What must never appear on the guest's console.
-BAD_CONSOLE = re.compile(r"WARNING:|BUG:|Oops|Call Trace")
+# What must never appear on the guest's console: warnings, BUGs, oopses and panics, and the
+# debug kernel's reports (lockdep's "WARNING: possible circular locking dependency", "BUG:
+# sleeping function called from invalid context", "BUG: KFENCE: use-after-free ...", "INFO:
+# trying to register non-static key", ...), also matched by their own text in case their
+# prefix changes.
+BAD_CONSOLE = re.compile(
+    r"WARNING:|BUG:|kernel BUG at|Oops|Call Trace|Kernel panic|INFO: "
+    r"|possible circular locking|possible recursive locking|inconsistent lock state"
+    r"|KFENCE:|sleeping function called from invalid context|scheduling while atomic")
 
 
 def parse_size(s: str | int) -> int:
@@ -77,13 +92,19 @@ class GuestError(RuntimeError):
 
 class Vm:
     """One QEMU guest: q35, TCG, 2 vCPUs, 1 GiB boot memory, maxmem 9 GiB, and a
-    virtio-mem-pci device `vm0` backed by an 8 GiB memory-backend-ram."""
+    virtio-mem-pci device `vm0` backed by an 8 GiB memory-backend-ram.
+
+    `kernel` is "rust", "upstream", "debug" or the path of a bzImage. Timeouts are those of
+    the rust kernel; on a slower kernel (SLOWDOWN) every timeout is multiplied by its
+    factor, `self.slowdown`."""
 
     def __init__(self, kernel: str | Path = "rust", *, requested: str | int = 0,
                  block_size: str | None = None, append: str = "",
                  extra_files: dict[str, bytes] | None = None,
                  interactive: bool = False, workdir: Path | None = None):
+        self.name = str(kernel) if str(kernel) in KERNELS else None
         self.kernel = Path(KERNELS.get(str(kernel), kernel))
+        self.slowdown = SLOWDOWN.get(self.name, 1.0)
         self.requested = parse_size(requested)
         self.block_size = block_size
         self.append = append
@@ -115,7 +136,8 @@ class Vm:
             "-object", "memory-backend-ram,id=mem0,size=8G",
             "-device", dev,
             "-kernel", str(self.kernel), "-initrd", str(initrd),
-            "-append", f"console=ttyS0 loglevel=5 panic=-1 {self.append}".strip(),
+            "-append", " ".join(filter(None, ("console=ttyS0 loglevel=5 panic=-1",
+                                              KERNEL_APPEND.get(self.name), self.append))),
             "-nodefaults", "-no-user-config", "-nic", "none", "-display", "none", "-no-reboot",
         ]
         if self.interactive:
@@ -130,6 +152,7 @@ class Vm:
         return cmd
 
     def start(self, timeout: float = 120) -> "Vm":
+        timeout *= self.slowdown
         self.proc = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
                                      stdout=open(self.dir / "qemu.log", "wb"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
@@ -201,6 +224,7 @@ class Vm:
     def run(self, cmd: str, timeout: float = 60, check: bool = True) -> str:
         """Runs `cmd` in the guest's shell and returns its output."""
         assert self.ser
+        timeout *= self.slowdown
         self._seq += 1
         tag = f"__VMR_{self._seq}_"
         self._buf = b""
@@ -245,12 +269,13 @@ class Vm:
     def wait_size(self, size: str | int, timeout: float = 120, poll: float = 0.02) -> float:
         """Waits until QEMU's size of vm0 is `size`; returns the seconds it took."""
         want = parse_size(size)
+        timeout *= self.slowdown
         start = time.monotonic()
         while True:
             if self.device()["size"] == want:
                 return time.monotonic() - start
             if time.monotonic() - start > timeout:
-                raise GuestError(f"vm0 size is {self.device()['size']:#x}, not {want:#x} after {timeout} s")
+                raise GuestError(f"vm0 size is {self.device()['size']:#x}, not {want:#x} after {timeout:g} s")
             time.sleep(poll)
 
     def bound_driver(self) -> str | None:
@@ -285,3 +310,16 @@ class Vm:
 
     def bad_console_lines(self) -> list[str]:
         return [l for l in self.console().splitlines() if BAD_CONSOLE.search(l)]
+
+    def debug_state(self) -> dict[str, int]:
+        """The debug kernel's checkers as the guest reports them: lockdep's debug_locks (0
+        once lockdep turned itself off, after its first report or a full table), KFENCE's
+        debugfs stats ("kfence enabled", "kfence total allocations", "kfence total bugs",
+        ...), and "page_owner" (1 when page_owner=on took effect)."""
+        out = self.run(
+            "grep -q ' /sys/kernel/debug ' /proc/mounts || mount -t debugfs debugfs /sys/kernel/debug; "
+            "awk '/debug_locks:/ { print \"VMR_debug_locks: \" $2 }' /proc/lockdep_stats; "
+            "sed 's/^/VMR_kfence /' /sys/kernel/debug/kfence/stats; "
+            "[ -e /sys/kernel/debug/page_owner ] && echo 'VMR_page_owner: 1' || echo 'VMR_page_owner: 0'")
+        return {m.group(1): int(m.group(2))
+                for m in re.finditer(r"^VMR_([^:\n]+): (-?\d+)$", out, re.M)}

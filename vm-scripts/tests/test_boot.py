@@ -13,11 +13,15 @@ import pytest
 from vmlib import CACHE, GiB, MiB, REPO, Vm
 
 DRIVER = "virtio_mem_rust"
+# The main resize tests run on build/bzImage and on the debug kernel (build/bzImage-debug:
+# lockdep, DEBUG_VM, DEBUG_ATOMIC_SLEEP, KFENCE, page_owner=on, panic_on_warn=1; see
+# conftest.py for what is checked on it). Ids: test_grow_default_policy[rust], ...[debug].
+RUST_AND_DEBUG = pytest.mark.parametrize("kernel", ["rust", "debug"])
 
 
 def settle_memtotal(vm: Vm, want: int, timeout: float = 30) -> int:
     """MemTotal once it reaches `want` (onlining may trail QEMU's size a little)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * vm.slowdown
     while True:
         m = vm.memtotal()
         if m == want or time.monotonic() > deadline:
@@ -60,15 +64,17 @@ def grow_and_check(vm: Vm, steps=("4G", "6G")):
     return base
 
 
-def test_grow_default_policy(boot):
-    vm = boot()
+@RUST_AND_DEBUG
+def test_grow_default_policy(boot, kernel):
+    vm = boot(kernel)
     grow_and_check(vm)
     # Auto-online onlined the memory to a kernel zone.
     assert vm.zone_managed("Movable") == 0
 
 
-def test_grow_online_movable(boot):
-    vm = boot(append="memhp_default_state=online_movable")
+@RUST_AND_DEBUG
+def test_grow_online_movable(boot, kernel):
+    vm = boot(kernel, append="memhp_default_state=online_movable")
     grow_and_check(vm)
     assert vm.zone_managed("Movable") == 6 * GiB
 

@@ -7,7 +7,7 @@ import random
 import re
 import time
 
-from test_boot import DRIVER, settle_memtotal, virtio_mem_ram
+from test_boot import DRIVER, RUST_AND_DEBUG, settle_memtotal, virtio_mem_ram
 from vmlib import GiB, MiB, Vm
 
 # The console-writing loop of UPSTREAM.md's "stuck" scenario.
@@ -23,8 +23,9 @@ def resize(vm: Vm, base: int, size: str, timeout: float = 120) -> float:
     return t
 
 
-def test_shrink_movable_keeps_data(boot):
-    vm = boot(append="memhp_default_state=online_movable")
+@RUST_AND_DEBUG
+def test_shrink_movable_keeps_data(boot, kernel):
+    vm = boot(kernel, append="memhp_default_state=online_movable")
     base = vm.memtotal()
     resize(vm, base, "4G")
     vm.run("mount -o remount,size=2G /tmp")  # sized at boot, from 1 GiB of RAM
@@ -36,18 +37,33 @@ def test_shrink_movable_keeps_data(boot):
     assert sum(c[2] - c[1] + 1 for c in children) == GiB
 
 
-def test_shrink_default_policy(boot):
-    vm = boot()
+@RUST_AND_DEBUG
+def test_shrink_default_policy(boot, kernel):
+    vm = boot(kernel)
     base = vm.memtotal()
     for size in ("4G", "2G", "512M"):
         resize(vm, base, size)
     # Emptied memory blocks were removed: only 512 MiB of System RAM (virtio_mem) is left.
     _, children = virtio_mem_ram(vm)
+    if sum(c[2] - c[1] + 1 for c in children) != 512 * MiB:
+        print(f"FAILCASE {kernel}")
+        hi = max(c[2] for c in children); lo = hi + 1 - 128 * MiB
+        if kernel == "debug":
+            print(vm.run(f"awk -v RS= -v lo={lo // 4096:x} -v hi={hi // 4096:x} "
+                     "'match($0, /PFN 0x[0-9a-f]+/) { p = substr($0, RSTART + 6, RLENGTH - 6); "
+                     "if (length(p) == length(lo) && p >= lo && p <= hi) print $0 \"\\n\" }' "
+                     "/sys/kernel/debug/page_owner | head -400", timeout=900))
+        print(vm.run("for m in /sys/devices/system/memory/memory*; do echo $(basename $m) $(cat $m/state); done | grep -v offline"))
+        print(vm.run("dmesg | grep virtio_mem | tail"))
+        time.sleep(2)
+        _, children = virtio_mem_ram(vm)
+        print("after 2 s:", sum(c[2] - c[1] + 1 for c in children) // MiB, "MiB")
     assert sum(c[2] - c[1] + 1 for c in children) == 512 * MiB
 
 
-def test_oscillation(boot):
-    vm = boot()
+@RUST_AND_DEBUG
+def test_oscillation(boot, kernel):
+    vm = boot(kernel)
     base = vm.memtotal()
     rnd = random.Random(20261123)
     sizes = [rnd.randrange(0, 6 * 1024 + 1, 2) for _ in range(30)]
@@ -99,10 +115,11 @@ def test_device_busy_during_migration(boot):
     assert settle_memtotal(vm, base + GiB) == base + GiB
 
 
-def test_shrink_to_zero_idle(boot):
+@RUST_AND_DEBUG
+def test_shrink_to_zero_idle(boot, kernel):
     """Default policy, nothing running in the guest: 4G -> 0 gives everything back. (The C
     driver keeps 2 MiB here: the stack of a kworker its work item made the pool spawn.)"""
-    vm = boot()
+    vm = boot(kernel)
     base = vm.memtotal()
     # Over QMP only until the end: a command in the guest is a process that may put its
     # page tables into the new memory (that is the console-loop case below).
@@ -141,11 +158,12 @@ def test_shrink_to_zero_with_console_loop(boot):
     assert "still " in dmesg and "next try in" in dmesg
 
 
-def test_unbind_rebind(boot):
+@RUST_AND_DEBUG
+def test_unbind_rebind(boot, kernel):
     """Unbinding with memory plugged does not crash and keeps the memory; at size 0,
     unbind and bind work and the device is usable again. ZONE_MOVABLE, so that the kernel
     pins nothing and size 0 is reachable."""
-    vm = boot(append="memhp_default_state=online_movable")
+    vm = boot(kernel, append="memhp_default_state=online_movable")
     base = vm.memtotal()
     drv = f"/sys/bus/virtio/drivers/{DRIVER}"
     dev = vm.run(f"basename $(ls -d {drv}/virtio*)").strip()
