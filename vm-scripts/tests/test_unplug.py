@@ -8,11 +8,20 @@ import re
 import time
 
 from test_boot import DRIVER, RUST_AND_DEBUG, settle_memtotal, virtio_mem_ram
-from vmlib import GiB, MiB, Vm
+from vmlib import GiB, GuestError, MiB, Vm
 
 # The console-writing loop of UPSTREAM.md's "stuck" scenario.
 CONSOLE_LOOP = ('(while true; do sleep 1; echo "$(grep MemTotal /proc/meminfo)"; done) '
                 '>/dev/console 2>&1 &')
+
+
+# page_owner=on (the debug kernel) saves the stack of every allocation in its stack depot,
+# whose pools (order 2, __GFP_NORETRY|__GFP_NOMEMALLOC) are unmovable and never freed. With
+# the default online policy they, and slab pages allocated meanwhile, can land in the
+# hot-plugged memory (its only ZONE_NORMAL) while it grows and keep a subblock plugged for
+# good: in about one idle shrink to 0 out of four, page_owner showing such a page allocated
+# by vmem_rs/virtio0 with its dummy stack (an allocation made while page_owner saved a
+# stack). The same kernel without page_owner=on reached 0 in 25 runs out of 25.
 
 
 def resize(vm: Vm, base: int, size: str, timeout: float = 120) -> float:
@@ -25,16 +34,25 @@ def resize(vm: Vm, base: int, size: str, timeout: float = 120) -> float:
 
 @RUST_AND_DEBUG
 def test_shrink_movable_keeps_data(boot, kernel):
+    """Random data in tmpfs, in ZONE_MOVABLE (all of it the device's), more than is left
+    after the shrink: it has to be migrated, and its checksum must not change. The debug
+    kernel writes 512 MiB and shrinks to 256 MiB: each allocation there costs a page_owner
+    stack, so 1.5 GiB alone took 140 s under TCG (62 s on the rust kernel)."""
+    data_mib, to = (1536, "1G") if kernel == "rust" else (512, "256M")
     vm = boot(kernel, append="memhp_default_state=online_movable")
     base = vm.memtotal()
     resize(vm, base, "4G")
     vm.run("mount -o remount,size=2G /tmp")  # sized at boot, from 1 GiB of RAM
-    vm.run("dd if=/dev/urandom of=/tmp/data bs=1M count=1536 2>/dev/null", timeout=600)
+    vm.run(f"dd if=/dev/urandom of=/tmp/data bs=1M count={data_mib} 2>/dev/null", timeout=600)
     before = vm.run("md5sum /tmp/data", timeout=300).split()[0]
-    resize(vm, base, "1G")
+    used = vm.zone_managed("Movable") - vm.zone_managed("Movable", "pages free")
+    to_bytes = int(to[:-1]) * (GiB if to.endswith("G") else MiB)
+    print(f"ZONE_MOVABLE in use before the shrink to {to}: {used // MiB} MiB")
+    assert used > to_bytes, f"only {used // MiB} MiB of ZONE_MOVABLE in use: nothing to migrate"
+    resize(vm, base, to)
     assert vm.run("md5sum /tmp/data", timeout=300).split()[0] == before
     _, children = virtio_mem_ram(vm)
-    assert sum(c[2] - c[1] + 1 for c in children) == GiB
+    assert sum(c[2] - c[1] + 1 for c in children) == to_bytes
 
 
 @RUST_AND_DEBUG
@@ -45,7 +63,24 @@ def test_shrink_default_policy(boot, kernel):
         resize(vm, base, size)
     # Emptied memory blocks were removed: only 512 MiB of System RAM (virtio_mem) is left.
     _, children = virtio_mem_ram(vm)
-    assert sum(c[2] - c[1] + 1 for c in children) == 512 * MiB
+    ram = sum(c[2] - c[1] + 1 for c in children)
+    if kernel == "debug" and ram == 640 * MiB:
+        # A kernel allocation pinned a subblock of the highest block (page_owner's, see the
+        # top of this file), so the driver unplugged a lower block's subblock instead and
+        # the block stays. page_owner must show it: a page allocated before the driver
+        # reached 512 MiB (its log line's time) that it did not take itself.
+        done = re.findall(r"^\[\s*(\d+\.\d+)\] virtio_mem_rust virtio\d+: "
+                          r"plugged 0x20000000 of requested 0x20000000", vm.dmesg(), re.M)
+        assert done, "the driver did not log reaching 512 MiB"
+        end = max(c[2] for c in children) + 1
+        pinned = [r for r in vm.page_owner(end - 128 * MiB, end, limit=200)
+                  if "alloc_contig" not in r
+                  and int(re.search(r", ts (\d+) ns", r).group(1)) < float(done[-1]) * 1e9]
+        print(f"one block kept; pages allocated in it before the shrink ended: {len(pinned)}, "
+              f"first: {pinned[:1]}")
+        assert pinned, "a block is kept that holds nothing but the driver's pages"
+    else:
+        assert ram == 512 * MiB
 
 
 @RUST_AND_DEBUG
@@ -105,7 +140,9 @@ def test_device_busy_during_migration(boot):
 @RUST_AND_DEBUG
 def test_shrink_to_zero_idle(boot, kernel):
     """Default policy, nothing running in the guest: 4G -> 0 gives everything back. (The C
-    driver keeps 2 MiB here: the stack of a kworker its work item made the pool spawn.)"""
+    driver keeps 2 MiB here: the stack of a kworker its work item made the pool spawn.)
+    On the debug kernel page_owner's own allocations may pin a subblock (see the top of
+    this file): then it is named in the log, as in the console-loop case."""
     vm = boot(kernel)
     base = vm.memtotal()
     # Over QMP only until the end: a command in the guest is a process that may put its
@@ -114,7 +151,15 @@ def test_shrink_to_zero_idle(boot, kernel):
     vm.wait_size("4G")
     time.sleep(1)
     vm.set_requested(0)
-    vm.wait_size(0, timeout=60)
+    if kernel == "debug":
+        # 60 s of the driver's retries (1, 2, 4, ... s), not scaled by the kernel's slowdown.
+        try:
+            print(f"reached 0 in {vm.wait_size(0, timeout=60 / vm.slowdown):.2f} s")
+        except GuestError:
+            check_pinned_leftover(vm, base, 60)
+            return
+    else:
+        vm.wait_size(0, timeout=60)
     assert settle_memtotal(vm, base) == base
     assert not [r for r in vm.iomem() if r[3] == "System RAM (virtio_mem)"]
 
@@ -135,9 +180,14 @@ def test_shrink_to_zero_with_console_loop(boot):
         return
     except Exception:
         pass
+    check_pinned_leftover(vm, base, 60)
+
+
+def check_pinned_leftover(vm: Vm, base: int, waited: float) -> None:
+    """What is left plugged after shrinking to 0 is what the kernel pinned: a few subblocks
+    at most, named in the log, and the driver keeps trying."""
     left = vm.device()["size"]
-    print(f"left plugged after 60 s: {left // MiB} MiB")
-    # Nothing but the memory the kernel pinned: a few subblocks at most.
+    print(f"left plugged after {waited:g} s: {left // MiB} MiB")
     assert left <= 8 * MiB
     assert settle_memtotal(vm, base + left) == base + left
     dmesg = vm.dmesg()
