@@ -327,17 +327,3 @@ class Vm:
         return {m.group(1): int(m.group(2))
                 for m in re.finditer(r"^VMR_([^:\n]+): (-?\d+)$", out, re.M)}
 
-    def page_owner(self, start: int, end: int, limit: int = 50) -> list[str]:
-        """page_owner's records (allocation stack included) of the allocated pages in the
-        physical range [start, end), at most `limit`; the kernel must run with page_owner=on.
-        The file's offset is a pfn: dd seeks to the first one, each read returns one page."""
-        lo, hi = start >> 12, (end >> 12) - 1
-        out = self.run(
-            "grep -q ' /sys/kernel/debug ' /proc/mounts || mount -t debugfs debugfs /sys/kernel/debug; "
-            f"dd if=/sys/kernel/debug/page_owner bs=65536 skip={lo} iflag=skip_bytes 2>/dev/null | "
-            f"awk -v RS= -v hi={hi} -v limit={limit} "
-            "'match($0, /PFN 0x[0-9a-f]+/) { "
-            "p = 0; h = substr($0, RSTART + 6, RLENGTH - 6); "
-            "for (i = 1; i <= length(h); i++) p = p * 16 + index(\"0123456789abcdef\", substr(h, i, 1)) - 1; "
-            "if (p > hi) exit; print $0 \"\\n\"; if (++n == limit) exit }'", timeout=300)
-        return [r.strip() for r in out.split("\n\n") if "PFN 0x" in r]
