@@ -259,6 +259,12 @@ impl State {
         }
     }
 
+    /// The driver's references on fake-offline pages change (GOING_OFFLINE,
+    /// CANCEL_OFFLINE): a violation unless the pages are fake-offline.
+    fn expect_fake_offline(&mut self, pfn: u64, nr: u64) {
+        self.move_chunks(pfn, nr, &[Chunk::FakeOffline], Chunk::FakeOffline);
+    }
+
     /// How many chunks are in state `s`.
     pub(crate) fn count(&self, s: Chunk) -> usize {
         self.chunks.iter().filter(|&&c| c == s).count()
@@ -504,12 +510,10 @@ impl Platform for MockPlatform {
     }
 
     fn going_offline(&self, pfn: u64, nr: u64) {
-        let mut s = self.0.state.lock();
-        s.move_chunks(pfn, nr, &[Chunk::FakeOffline], Chunk::FakeOffline);
+        self.0.state.lock().expect_fake_offline(pfn, nr);
     }
 
     fn cancel_offline(&self, pfn: u64, nr: u64) {
-        let mut s = self.0.state.lock();
-        s.move_chunks(pfn, nr, &[Chunk::FakeOffline], Chunk::FakeOffline);
+        self.0.state.lock().expect_fake_offline(pfn, nr);
     }
 }

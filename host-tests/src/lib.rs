@@ -15,6 +15,6 @@ pub(crate) mod retry;
 pub(crate) mod sbm;
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod model;
+#[cfg(test)]
+mod tests;

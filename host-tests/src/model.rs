@@ -1165,19 +1165,42 @@ impl World {
         assert!(
             self.blocks[mb].added && self.blocks[mb].online.is_none() && self.pending.is_none()
         );
+        self.notify_transition(
+            (MemEvent::GoingOnline, MemEvent::CancelOnline),
+            Pending::Online { mb, movable },
+            refuse,
+            interleave,
+        )
+    }
+
+    /// The notifier side of onlining or offlining block `pending`: `going` to every
+    /// notifier (another one may refuse before or after ours: `refuse`), `cancel` if
+    /// anyone refused, else the rest of the change, with the worker run in between if
+    /// `interleave`. Returns whether the change went through.
+    fn notify_transition(
+        &mut self,
+        (going, cancel): (MemEvent, MemEvent),
+        pending: Pending,
+        refuse: Refuse,
+        interleave: Option<Vec<u8>>,
+    ) -> bool {
+        let (mb, movable) = match pending {
+            Pending::Online { mb, movable } => (mb, movable),
+            Pending::Offline { mb } => (mb, self.blocks[mb].online.unwrap()),
+        };
         if refuse == Refuse::Before {
             self.stats.refused_notifier += 1;
-            self.notify(MemEvent::CancelOnline, mb, movable);
+            self.notify(cancel, mb, movable);
             return false;
         }
-        if self.notify(MemEvent::GoingOnline, mb, movable) == NotifyAnswer::Bad {
-            self.notify(MemEvent::CancelOnline, mb, movable);
+        if self.notify(going, mb, movable) == NotifyAnswer::Bad {
+            self.notify(cancel, mb, movable);
             return false;
         }
-        self.pending = Some(Pending::Online { mb, movable });
+        self.pending = Some(pending);
         if refuse == Refuse::After {
             self.stats.refused_notifier += 1;
-            self.notify(MemEvent::CancelOnline, mb, movable);
+            self.notify(cancel, mb, movable);
             self.pending = None;
             return false;
         }
@@ -1231,27 +1254,12 @@ impl World {
             trace!(self, "offlining block {mb}: isolation fails");
             return false;
         }
-        if refuse == Refuse::Before {
-            self.stats.refused_notifier += 1;
-            self.notify(MemEvent::CancelOffline, mb, movable);
-            return false;
-        }
-        if self.notify(MemEvent::GoingOffline, mb, movable) == NotifyAnswer::Bad {
-            self.notify(MemEvent::CancelOffline, mb, movable);
-            return false;
-        }
-        self.pending = Some(Pending::Offline { mb });
-        if refuse == Refuse::After {
-            self.stats.refused_notifier += 1;
-            self.notify(MemEvent::CancelOffline, mb, movable);
-            self.pending = None;
-            return false;
-        }
-        if let Some(tape) = interleave {
-            self.stats.interleaved += 1;
-            self.wake(tape);
-        }
-        self.finish_pending().unwrap_or(true)
+        self.notify_transition(
+            (MemEvent::GoingOffline, MemEvent::CancelOffline),
+            Pending::Offline { mb },
+            refuse,
+            interleave,
+        )
     }
 
     fn finish_offline(&mut self, mb: usize) -> bool {
