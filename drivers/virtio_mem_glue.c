@@ -491,16 +491,20 @@ void vmr_glue_explain_busy(struct vmr_glue *glue, unsigned long pfn, unsigned lo
 		if (PageBuddy(page) || PageOffline(page))
 			continue;
 		folio = page_folio(page);
-		if (folio_test_lru(folio) || !folio_ref_count(folio))
-			continue;
+		/*
+		 * Slab pages and large kmallocs are frozen (refcount 0) since 6.x, so they
+		 * are named before free pages on the per-CPU lists (refcount 0) are skipped.
+		 */
 		if (folio_test_slab(folio))
 			kind = "a slab page";
+		else if (folio_test_large_kmalloc(folio))
+			kind = "a large kmalloc";
+		else if (folio_test_lru(folio) || !folio_ref_count(folio))
+			continue;
 		else if (PageTable(page))
 			kind = "a page table";
 		else if (PageReserved(page))
 			kind = "a reserved page";
-		else if (folio_test_large_kmalloc(folio))
-			kind = "a large kmalloc";
 		else if (folio_mapped(folio))
 			kind = "a mapped page not on an LRU list";
 		else
