@@ -66,9 +66,10 @@ enum Stop {
     Again,
     /// The device refused to plug more (NACK): wait for the next config change.
     Nack,
-    /// The device is busy, memory could not be freed or removed, or adding failed: retry
-    /// later.
+    /// Memory could not be freed or removed, or adding failed: retry later.
     RetryLater,
+    /// The device answered BUSY (or NACK to an unplug): nothing more this round.
+    Busy,
     /// Too much memory is added but not online: wait until it is onlined.
     WaitForOnline,
     /// Every usable memory block is in use.
@@ -118,7 +119,7 @@ pub(crate) struct VirtioMem<P: Platform> {
 /// there is retried like BUSY.
 fn unplug_stop(stop: Stop) -> Stop {
     match stop {
-        Stop::Nack => Stop::RetryLater,
+        Stop::Nack => Stop::Busy,
         s => s,
     }
 }
@@ -282,7 +283,7 @@ impl<P: Platform> VirtioMem<P> {
                         g.unplug_all_required = false;
                         self.config_changed.store(true, Ordering::Release);
                     }
-                    Some(Response::Busy) => break Err(Stop::RetryLater),
+                    Some(Response::Busy) => break Err(Stop::Busy),
                     other => return self.mark_broken(&mut g, RequestType::UnplugAll, other),
                 }
             }
@@ -290,6 +291,10 @@ impl<P: Platform> VirtioMem<P> {
                 return;
             }
 
+            // Blocks whose adding and undoing both failed: give them back first.
+            if let Err(stop) = self.unplug_pending(&mut g) {
+                break Err(stop);
+            }
             // Blocks emptied earlier whose removal failed: try again.
             let (ng, removed_all) = self.remove_empty_blocks(g);
             g = ng;
@@ -333,7 +338,7 @@ impl<P: Platform> VirtioMem<P> {
                     requested
                 );
             }
-            Err(Stop::RetryLater) => {
+            Err(Stop::RetryLater | Stop::Busy) => {
                 if g.plugged != start_plugged {
                     g.backoff.reset();
                 }
@@ -542,7 +547,7 @@ impl<P: Platform> VirtioMem<P> {
                     continue;
                 }
                 Some(Response::Nack) => Stop::Nack,
-                Some(Response::Busy) => Stop::RetryLater,
+                Some(Response::Busy) => Stop::Busy,
                 other => {
                     self.mark_broken(g, ty, other);
                     Stop::Broken
@@ -681,7 +686,8 @@ impl<P: Platform> VirtioMem<P> {
                             break;
                         };
                         match self.unplug_online(&mut g, mb, first, count) {
-                            // Busy: smaller runs of it come next.
+                            // Busy memory: smaller runs of it come next. A busy device
+                            // ends the round.
                             Ok(()) | Err(Stop::RetryLater) => {}
                             Err(stop) => return (g, Err(stop)),
                         }
@@ -697,6 +703,28 @@ impl<P: Platform> VirtioMem<P> {
                 removal_failed |= !removed;
                 tried[mb] = true;
             }
+        }
+    }
+
+    /// Unplugs the blocks left plugged but not added (adding failed, and so did the undo
+    /// UNPLUG), whatever the requested size, as the C driver's
+    /// `virtio_mem_cleanup_pending_mb` does: plugging starts over from unused blocks.
+    fn unplug_pending(&self, g: &mut Inner<P::Transport>) -> Result<(), Stop> {
+        loop {
+            let Mode::Sbm(sbm) = &g.mode;
+            let Some((mb, first, count)) = sbm.next_pending() else {
+                return Ok(());
+            };
+            let (done, res) = self.request_sbs(g, RequestType::Unplug, mb, first, count);
+            let Mode::Sbm(sbm) = &mut g.mode;
+            if sbm.unplugged(mb, first, done) {
+                dev_info!(
+                    self.dev,
+                    "memory block {:#x}, never added, is unplugged again\n",
+                    self.geo.mb_addr(mb)
+                );
+            }
+            res.map_err(unplug_stop)?;
         }
     }
 

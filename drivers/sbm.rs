@@ -443,14 +443,29 @@ impl<W: DerefMut<Target = [u64]>> Sbm<W> {
             return self.plugged(mb, 0, self.sbs_per_mb) == Plugged::None;
         }
         self.set_bits(mb, first, count, false);
-        let partial = match self.state(mb) {
+        let empty = self.plugged(mb, 0, self.sbs_per_mb) == Plugged::None;
+        let next = match self.state(mb) {
             MbState::Offline => MbState::OfflinePartial,
             MbState::Kernel => MbState::KernelPartial,
             MbState::Movable => MbState::MovablePartial,
+            // Never added: nothing is left to remove.
+            MbState::Plugged if empty => MbState::Unused,
             s => s,
         };
-        self.set_state(mb, partial);
-        self.plugged(mb, 0, self.sbs_per_mb) == Plugged::None
+        self.set_state(mb, next);
+        empty
+    }
+
+    /// The highest plugged run (mb, first, count) of a block left plugged but not added,
+    /// lowest such block first.
+    pub(crate) fn next_pending(&self) -> Option<(usize, usize, usize)> {
+        (0..self.nr_mbs)
+            .filter(|&mb| self.state(mb) == MbState::Plugged)
+            .find_map(|mb| {
+                self.plugged_runs_rev(mb)
+                    .next()
+                    .map(|(first, count)| (mb, first, count))
+            })
     }
 
     /// Whether block `mb` is added with no plugged subblock left: it waits to be removed.

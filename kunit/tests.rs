@@ -733,6 +733,63 @@ mod responses_suite {
     }
 
     #[test]
+    fn block_left_plugged_by_a_failed_add_is_unplugged_next_round() -> Result {
+        let f = probe(c"vmr-kunit-add-undo-fail", qemu_config(), |s| {
+            s.fail_add = 1
+        })?;
+        // The PLUG is ACKed, adding fails, the undo UNPLUG is answered BUSY.
+        f.script(&[
+            Answer::Model,
+            Answer::Raw {
+                ty: BUSY,
+                used_len: 10,
+            },
+        ])?;
+        f.resize(128 * MIB);
+        let s = f.snap();
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.added, 0);
+        assert!(s.last_delay.is_some_and(|d| d > 0));
+        // The operator takes the memory back: the block, never added, is unplugged.
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(s.device, 0);
+        assert_eq!(s.driver, 0);
+        assert_eq!(s.added, 0);
+        assert_eq!(s.invalid, 0);
+        // And plugging starts over with a block that is added.
+        f.resize(128 * MIB);
+        let s = f.snap();
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.added, 1);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn busy_device_ends_the_online_unplug_round() -> Result {
+        let mut f = probe(c"vmr-kunit-busy-online", qemu_config(), |_| {})?;
+        let before = f.grow_online(256 * MIB)?;
+        f.script(&[Answer::Raw {
+            ty: BUSY,
+            used_len: 10,
+        }])?;
+        f.resize(0);
+        let s = f.snap();
+        // One UNPLUG, answered BUSY: no smaller runs are tried, the pages are back.
+        assert_eq!(s.unplugs, before.unplugs + 1);
+        assert_eq!(s.device, 256 * MIB);
+        assert_eq!(s.buddy, before.buddy);
+        assert!(s.last_delay.is_some_and(|d| d > 0));
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.device, 0);
+        assert_eq!(s.removed, 2);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
     fn removal_failure_is_retried() -> Result {
         let mut f = probe(c"vmr-kunit-remove-fail", qemu_config(), |_| {})?;
         f.grow_online(256 * MIB)?;

@@ -105,6 +105,7 @@ enum Stop {
     Again,
     Nack,
     RetryLater,
+    Busy,
     WaitForOnline,
     NoRoom,
     Broken,
@@ -112,7 +113,7 @@ enum Stop {
 
 fn unplug_stop(stop: Stop) -> Stop {
     match stop {
-        Stop::Nack => Stop::RetryLater,
+        Stop::Nack => Stop::Busy,
         s => s,
     }
 }
@@ -405,32 +406,7 @@ struct Faults {
     /// Pages in a range whose state the driver cannot know (invalid or missing answer)
     /// must never reach the buddy, not even by onlining their block.
     strict_unknown: bool,
-    /// Driver bugs found by these tests that the run tolerates (see [`Known`]).
-    known: Known,
 }
-
-/// Driver bugs these tests found that are not fixed yet, each with a directed test below
-/// that fails while it is there (`cargo test -- --ignored`). The random tests tolerate
-/// those set here, so that they keep looking for others; clear a flag once its bug is
-/// fixed, drop it with its tolerance, and un-ignore its test.
-///
-/// Fixed in 64328f7 (their directed tests now run as regression tests): an unplug with
-/// nothing done relabelled a full block as partial; CANCEL_OFFLINE without our
-/// GOING_OFFLINE took back references never dropped; a partly undone add kept the undone
-/// subblocks marked plugged; a stale NACK stopped plugging for good; the undo UNPLUG was
-/// sent after ERROR; a block of a broken device (state unknown) could be onlined.
-#[derive(Clone, Copy, Debug)]
-struct Known {
-    /// A block left `Plugged` (adding and its undo failed) is never unplugged again, so
-    /// its memory stays plugged whatever the requested size
-    /// (`plugged_block_is_never_unplugged`); the C driver retries it every round.
-    /// Tolerated by accepting such a block as what keeps the driver above the target.
-    plugged_blocks_stuck: bool,
-}
-
-const KNOWN: Known = Known {
-    plugged_blocks_stuck: true,
-};
 
 #[derive(Clone, Debug)]
 struct Case {
@@ -512,7 +488,7 @@ stats!(
     hostile_error,
     shrink_refused,
     waits_after_nack,
-    stuck_plugged_blocks,
+    pending_unplug,
     broken_cases,
 );
 
@@ -1581,17 +1557,6 @@ impl World {
         }
     }
 
-    /// Blocks left `Plugged` (known bug `plugged_blocks_stuck`).
-    fn stuck_blocks(&mut self) -> bool {
-        let n = (0..self.blocks.len())
-            .filter(|&mb| self.g.sbm.state(mb) == MbState::Plugged)
-            .count();
-        if n > 0 {
-            self.stats.stuck_plugged_blocks += 1;
-        }
-        n > 0
-    }
-
     // ---- the script ----
 
     /// The worker thread: runs when kicked, or when its retry timer fires.
@@ -1715,9 +1680,6 @@ impl World {
             }
         }
         if !stable {
-            if self.faults.known.plugged_blocks_stuck && self.stuck_blocks() {
-                return;
-            }
             fail!(self, "the worker is still busy after 1000 rounds");
         }
         if self.hostile {
@@ -1732,9 +1694,6 @@ impl World {
         }
         let sb = self.sb_size();
         let p = self.g.plugged;
-        if p >= target + sb && self.faults.known.plugged_blocks_stuck && self.stuck_blocks() {
-            return;
-        }
         if p >= target + sb {
             fail!(
                 self,
@@ -1759,9 +1718,6 @@ impl World {
             // lowered meanwhile.
             if self.g.nacked_at == Some(target) && self.last_nack_scripted {
                 self.stats.waits_after_nack += 1;
-                return;
-            }
-            if self.faults.known.plugged_blocks_stuck && room && self.stuck_blocks() {
                 return;
             }
             if partial.is_some() || (room && !threshold) || self.g.nacked_at == Some(target) {
@@ -1801,7 +1757,7 @@ impl World {
                         self.g.unplug_all_required = false;
                         self.config_changed = true;
                     }
-                    Some(Response::Busy) => break Err(Stop::RetryLater),
+                    Some(Response::Busy) => break Err(Stop::Busy),
                     other => return self.mark_broken(RequestType::UnplugAll, other),
                 }
             }
@@ -1809,6 +1765,10 @@ impl World {
                 return;
             }
 
+            // Blocks whose adding and undoing both failed: give them back first.
+            if let Err(stop) = self.unplug_pending() {
+                break Err(stop);
+            }
             // Blocks emptied earlier whose removal failed: try again.
             let removed_all = self.remove_empty_blocks();
 
@@ -1839,7 +1799,7 @@ impl World {
             Err(Stop::Nack) => {
                 self.g.nacked_at = Some(requested);
             }
-            Err(Stop::RetryLater) => {
+            Err(Stop::RetryLater | Stop::Busy) => {
                 if self.g.plugged != start_plugged {
                     self.g.backoff.reset();
                 }
@@ -1949,7 +1909,7 @@ impl World {
                     continue;
                 }
                 Some(Response::Nack) => Stop::Nack,
-                Some(Response::Busy) => Stop::RetryLater,
+                Some(Response::Busy) => Stop::Busy,
                 other => {
                     self.mark_broken(ty, other);
                     Stop::Broken
@@ -2082,7 +2042,8 @@ impl World {
                             fail!(self, "bad online run {first}+{count} for {nb_sb} subblocks");
                         }
                         match self.unplug_online(mb, first, count) {
-                            // Busy: smaller runs of it come next.
+                            // Busy memory: smaller runs of it come next. A busy device
+                            // ends the round.
                             Ok(()) | Err(Stop::RetryLater) => {}
                             Err(stop) => return Err(stop),
                         }
@@ -2096,6 +2057,22 @@ impl World {
                 removal_failed |= !removed;
                 tried[mb] = true;
             }
+        }
+    }
+
+    /// `VirtioMem::unplug_pending`.
+    fn unplug_pending(&mut self) -> Result<(), Stop> {
+        loop {
+            let Some((mb, first, count)) = self.g.sbm.next_pending() else {
+                return Ok(());
+            };
+            if self.blocks[mb].added {
+                fail!(self, "block {mb} is added but marked plugged-not-added");
+            }
+            self.stats.pending_unplug += 1;
+            let (done, res) = self.request_sbs(RequestType::Unplug, mb, first, count);
+            self.g.sbm.unplugged(mb, first, done);
+            res.map_err(unplug_stop)?;
         }
     }
 
@@ -2436,7 +2413,7 @@ fn run_model(name: &str, cases: u32, faults: Faults, len: std::ops::Range<usize>
 /// Prints the counters and checks that each path was taken, except `skip` and the rare
 /// ones (expected fewer than ~20 times per run: requiring them would make the test flaky).
 fn report(stats: &Stats, skip: &[&str]) {
-    const RARE: [&str; 3] = ["waits_after_nack", "stuck_plugged_blocks", "hostile_error"];
+    const RARE: [&str; 3] = ["waits_after_nack", "pending_unplug", "hostile_error"];
     let skip = [skip, &RARE[..]].concat();
     let mut msg = String::new();
     for (name, n) in stats.fields() {
@@ -2463,7 +2440,6 @@ fn driver_follows_the_device_model() {
         error: true,
         invalid: false,
         strict_unknown: false,
-        known: KNOWN,
     };
     let stats = run_model("driver_follows_the_device_model", 10_000, faults, 1..60);
     report(&stats, &["invalid_answer", "lost"]);
@@ -2478,7 +2454,6 @@ fn unknown_device_state_never_reaches_the_buddy() {
         error: true,
         invalid: true,
         strict_unknown: true,
-        known: KNOWN,
     };
     let stats = run_model(
         "unknown_device_state_never_reaches_the_buddy",
@@ -2491,10 +2466,14 @@ fn unknown_device_state_never_reaches_the_buddy() {
 
 // ---- the bugs found, one directed case each ---------------------------------------------
 //
-// Each fails while its bug is there. Those of bugs fixed in 64328f7 run in every
-// `cargo test` as regression tests; those of the bugs still there are `#[ignore]`d
-// (`cargo test -- --ignored` shows the failure and the events that led to it), and the
-// random tests tolerate them through [`KNOWN`].
+// Each failed while its bug was there; all are fixed and run in every `cargo test` as
+// regression tests. Fixed in 64328f7: an unplug with nothing done relabelled a full block
+// as partial; CANCEL_OFFLINE without our GOING_OFFLINE took back references never dropped;
+// a partly undone add kept the undone subblocks marked plugged; a stale NACK stopped
+// plugging for good; the undo UNPLUG was sent after ERROR; a block of a broken device
+// (state unknown) could be onlined. Fixed later: a block left plugged but not added was
+// never unplugged; a BUSY device did not end the round on the online unplug path. Until
+// a bug is fixed, its test is `#[ignore]`d and the random tests tolerate it.
 
 const MB: u64 = 128 << 20;
 
@@ -2522,13 +2501,12 @@ fn small() -> Case {
     }
 }
 
-/// A world that tolerates the known bugs in `known`, after its first run.
-fn booted(case: Case, known: Known) -> World {
+/// A world after its first run.
+fn booted(case: Case) -> World {
     let faults = Faults {
         error: true,
         invalid: true,
         strict_unknown: true,
-        known,
     };
     let mut w = World::new(&case, faults);
     w.trace_cap = 1000;
@@ -2541,7 +2519,7 @@ fn booted(case: Case, known: Known) -> World {
 /// state into the partial one (sbm.rs `unplugged` set the partial state whatever `count`).
 #[test]
 fn unplugged_with_nothing_done_relabels_a_full_block() {
-    let mut w = booted(small(), KNOWN);
+    let mut w = booted(small());
     w.resize_to(MB);
     w.wake(vec![]);
     assert_eq!(w.g.sbm.state(0), MbState::Offline);
@@ -2559,13 +2537,10 @@ fn unplugged_with_nothing_done_relabels_a_full_block() {
 /// event (`hotplug_active`). (`pages_cancel_offline` fails on a reference held twice.)
 #[test]
 fn cancel_offline_without_going_offline_takes_references_twice() {
-    let mut w = booted(
-        Case {
-            policy: Policy::Kernel,
-            ..small()
-        },
-        KNOWN,
-    );
+    let mut w = booted(Case {
+        policy: Policy::Kernel,
+        ..small()
+    });
     w.resize_to(MB / 2);
     w.wake(vec![]);
     assert_eq!(w.g.sbm.state(0), MbState::KernelPartial);
@@ -2585,13 +2560,10 @@ fn cancel_offline_without_going_offline_takes_references_twice() {
 /// already taken the first off the plugged size.
 #[test]
 fn partly_undone_add_keeps_unplugged_subblocks_marked() {
-    let mut w = booted(
-        Case {
-            bps_shift: 15,
-            ..small()
-        },
-        KNOWN,
-    );
+    let mut w = booted(Case {
+        bps_shift: 15,
+        ..small()
+    });
     w.resize_to(MB);
     // PLUG, PLUG, (lock free), add_memory fails, (lock free), UNPLUG ACK, UNPLUG BUSY.
     w.wake(vec![0, 0, 0, 215, 0, 0, 200]);
@@ -2602,20 +2574,14 @@ fn partly_undone_add_keeps_unplugged_subblocks_marked() {
     assert_eq!(w.g.plugged, MB / 2);
 }
 
-/// `add_memory` fails and so does the undo UNPLUG (BUSY): the block is left `Plugged`,
-/// which neither `next_unplug` nor anything else ever looks at again. Its memory stays
-/// plugged whatever the requested size; the worker retries every 300 s in vain. The C
-/// driver unplugs such blocks at the start of every round
+/// Regression test: `add_memory` fails and so does the undo UNPLUG (BUSY): the block was
+/// left `Plugged`, which neither `next_unplug` nor anything else looked at again. Its
+/// memory stayed plugged whatever the requested size; the worker retried every 300 s in
+/// vain. Now such blocks are unplugged at the start of every round, as the C driver does
 /// (`virtio_mem_cleanup_pending_mb`).
 #[test]
-#[ignore = "driver bug: Known::plugged_blocks_stuck"]
 fn plugged_block_is_never_unplugged() {
-    let mut w = booted(
-        small(),
-        Known {
-            plugged_blocks_stuck: false,
-        },
-    );
+    let mut w = booted(small());
     w.resize_to(MB);
     // PLUG, (lock free), add_memory fails, (lock free), UNPLUG BUSY.
     w.wake(vec![0, 0, 215, 0, 200]);
@@ -2631,13 +2597,10 @@ fn plugged_block_is_never_unplugged() {
 /// size changed again).
 #[test]
 fn stale_nack_stops_plugging() {
-    let mut w = booted(
-        Case {
-            policy: Policy::Kernel,
-            ..small()
-        },
-        KNOWN,
-    );
+    let mut w = booted(Case {
+        policy: Policy::Kernel,
+        ..small()
+    });
     w.resize_to(2 * MB);
     let zero = w.sel(0);
     // PLUG block 0, (lock free), add_memory, (lock free), then the operator sets 0
@@ -2656,13 +2619,10 @@ fn stale_nack_stops_plugging() {
 /// the broken device. (`chan_request` fails on any request after ERROR.)
 #[test]
 fn request_sent_after_error_when_adding_fails() {
-    let mut w = booted(
-        Case {
-            bps_shift: 15,
-            ..small()
-        },
-        KNOWN,
-    );
+    let mut w = booted(Case {
+        bps_shift: 15,
+        ..small()
+    });
     w.resize_to(MB);
     // PLUG ACK, PLUG ERROR, (lock free), add_memory fails.
     w.wake(vec![0, 225, 0, 215]);
@@ -2679,7 +2639,7 @@ fn request_sent_after_error_when_adding_fails() {
 /// unknown. Now GOING_ONLINE is refused once the device is broken.
 #[test]
 fn onlining_after_a_lost_unplug_hands_unplugged_memory_to_the_buddy() {
-    let mut w = booted(small(), KNOWN);
+    let mut w = booted(small());
     w.resize_to(MB);
     w.wake(vec![]);
     w.resize_to(0);
@@ -2697,21 +2657,17 @@ fn onlining_after_a_lost_unplug_hands_unplugged_memory_to_the_buddy() {
     assert!(!w.g.sbm.in_transition(0));
 }
 
-/// Not a safety bug: in an online block, a BUSY device does not end the round (BUSY maps
-/// to `RetryLater` like busy memory), so the cursor goes on with every smaller run, each
-/// migrated with alloc_contig_range, sent, answered BUSY and given back; then the next
-/// block. Offline blocks stop the round at the first BUSY, as the C driver does.
+/// Regression test (not a safety bug): in an online block, a BUSY device did not end the
+/// round (BUSY mapped to `RetryLater` like busy memory), so the cursor went on with every
+/// smaller run, each migrated with alloc_contig_range, sent, answered BUSY and given back;
+/// then the next block. Now `Stop::Busy` ends the round, as on offline blocks.
 #[test]
-#[ignore = "driver inefficiency: BUSY on the online path does not end the round"]
 fn busy_device_ends_the_round_on_the_online_path() {
-    let mut w = booted(
-        Case {
-            policy: Policy::Kernel,
-            sbs_shift: 3,
-            ..small()
-        },
-        KNOWN,
-    );
+    let mut w = booted(Case {
+        policy: Policy::Kernel,
+        sbs_shift: 3,
+        ..small()
+    });
     w.resize_to(MB);
     w.wake(vec![]);
     w.resize_to(0);
