@@ -30,6 +30,11 @@ const MIB: u64 = 1 << 20;
 /// The largest order core mm onlines at once on x86-64 (`MAX_PAGE_ORDER`).
 const ONLINE_ORDER: u32 = 10;
 
+/// A whole response of type `ty`, written by the device without changing anything.
+fn answer(ty: u16) -> Answer {
+    Answer::Raw { ty, used_len: 10 }
+}
+
 /// Probes the driver's logic on a mock device with config `cfg`. `Err` if it refuses the
 /// device.
 fn probe(name: &CStr, cfg: RawConfig, tweak: impl FnOnce(&mut State)) -> Result<Fixture> {
@@ -503,10 +508,7 @@ mod responses_suite {
     #[test]
     fn nack_to_plug_waits_for_a_config_change() -> Result {
         let f = probe(c"vmr-kunit-nack-plug", qemu_config(), |_| {})?;
-        f.script(&[Answer::Raw {
-            ty: NACK,
-            used_len: 10,
-        }])?;
+        f.script(&[answer(NACK)])?;
         f.resize(256 * MIB);
         let s = f.snap();
         assert_eq!(s.requests, 1);
@@ -530,10 +532,7 @@ mod responses_suite {
     fn nack_to_unplug_hands_the_pages_back() -> Result {
         let mut f = probe(c"vmr-kunit-nack-unplug", qemu_config(), |_| {})?;
         f.grow_online(256 * MIB)?;
-        f.script(&[Answer::Raw {
-            ty: NACK,
-            used_len: 10,
-        }])?;
+        f.script(&[answer(NACK)])?;
         f.resize(128 * MIB);
         let s = f.snap();
         assert!(!s.broken);
@@ -553,10 +552,7 @@ mod responses_suite {
     #[test]
     fn busy_backs_off_then_resets() -> Result {
         let f = probe(c"vmr-kunit-busy", qemu_config(), |_| {})?;
-        let busy = Answer::Raw {
-            ty: BUSY,
-            used_len: 10,
-        };
+        let busy = answer(BUSY);
         f.script(&[busy; 5])?;
         f.resize(256 * MIB);
         for _ in 0..4 {
@@ -588,10 +584,7 @@ mod responses_suite {
     #[test]
     fn error_to_plug_marks_the_device_broken() -> Result {
         let f = probe(c"vmr-kunit-error-plug", qemu_config(), |_| {})?;
-        f.script(&[Answer::Raw {
-            ty: ERROR,
-            used_len: 10,
-        }])?;
+        f.script(&[answer(ERROR)])?;
         f.resize(256 * MIB);
         let s = f.snap();
         assert!(s.broken);
@@ -605,13 +598,29 @@ mod responses_suite {
     }
 
     #[test]
+    fn broken_device_takes_no_memory_from_the_kernel() -> Result {
+        let mut f = probe(c"vmr-kunit-broken-shrink", qemu_config(), |_| {})?;
+        f.grow_online(256 * MIB)?;
+        f.script(&[answer(ERROR)])?;
+        f.resize(512 * MIB);
+        let before = f.snap();
+        assert!(before.broken);
+        // A shrink asked of a broken device: no online page is taken from the kernel (it
+        // could never be unplugged), nothing is sent.
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(s.requests, before.requests);
+        assert_eq!(s.buddy, before.buddy);
+        assert_eq!(s.held, before.held);
+        assert_eq!(s.fake_offline, before.fake_offline);
+        Ok(())
+    }
+
+    #[test]
     fn error_to_unplug_keeps_the_memory_offline() -> Result {
         let mut f = probe(c"vmr-kunit-error-unplug", qemu_config(), |_| {})?;
         let before = f.grow_online(256 * MIB)?;
-        f.script(&[Answer::Raw {
-            ty: ERROR,
-            used_len: 10,
-        }])?;
+        f.script(&[answer(ERROR)])?;
         f.resize(128 * MIB);
         let s = f.snap();
         assert!(s.broken);
@@ -631,10 +640,7 @@ mod responses_suite {
     fn unknown_response_type_marks_the_device_broken() -> Result {
         let mut f = probe(c"vmr-kunit-unknown", qemu_config(), |_| {})?;
         let before = f.grow_online(256 * MIB)?;
-        f.script(&[Answer::Raw {
-            ty: 7,
-            used_len: 10,
-        }])?;
+        f.script(&[answer(7)])?;
         f.resize(128 * MIB);
         let s = f.snap();
         assert!(s.broken);
@@ -738,13 +744,7 @@ mod responses_suite {
             s.fail_add = 1
         })?;
         // The PLUG is ACKed, adding fails, the undo UNPLUG is answered BUSY.
-        f.script(&[
-            Answer::Model,
-            Answer::Raw {
-                ty: BUSY,
-                used_len: 10,
-            },
-        ])?;
+        f.script(&[Answer::Model, answer(BUSY)])?;
         f.resize(128 * MIB);
         let s = f.snap();
         assert_eq!(s.device, 128 * MIB);
@@ -770,10 +770,7 @@ mod responses_suite {
     fn busy_device_ends_the_online_unplug_round() -> Result {
         let mut f = probe(c"vmr-kunit-busy-online", qemu_config(), |_| {})?;
         let before = f.grow_online(256 * MIB)?;
-        f.script(&[Answer::Raw {
-            ty: BUSY,
-            used_len: 10,
-        }])?;
+        f.script(&[answer(BUSY)])?;
         f.resize(0);
         let s = f.snap();
         // One UNPLUG, answered BUSY: no smaller runs are tried, the pages are back.
