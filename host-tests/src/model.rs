@@ -53,9 +53,9 @@
 //! # Where the harness mirrors `device.rs`
 //!
 //! Each function in the `impl World` block "device.rs, mirrored" is a transcription of the
-//! function of the same name in `drivers/device.rs` as of commit 64328f7 (`run`,
+//! function of the same name in `drivers/device.rs` as of commit 97cb2a0 (`run`,
 //! `refresh`, `retry_later`, `mark_broken`, `request`, `request_sbs`, `plug`, `unplug`,
-//! `unplug_online`, `fake_offline`, `remove_block`, `remove_blocks`,
+//! `unplug_pending`, `unplug_online`, `fake_offline`, `remove_block`, `remove_blocks`,
 //! `remove_empty_blocks`, `plugged_end`, `memory_event`, `online_pages`, `sb_pfn`,
 //! `sb_pages`) with `g.` as `self.g.`, the lock drops as `lock_dropped` checkpoints, and
 //! `Platform` / `Transport` calls as calls into the models (`k_*`, `pages_*`,
