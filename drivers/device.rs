@@ -375,7 +375,8 @@ impl<P: Platform> VirtioMem<P> {
         // Shrunk below plugged memory, it would leave that memory impossible to unplug
         // (requests outside the usable region are invalid).
         let Mode::Sbm(sbm) = &g.mode;
-        if let Some(end) = self.plugged_end(sbm) {
+        if let Some((mb, sb)) = sbm.plugged_end() {
+            let end = self.geo.sb_addr(mb, sb);
             if sizes.usable < end - self.geo.addr {
                 dev_err!(
                     self.dev,
@@ -857,18 +858,6 @@ impl<P: Platform> VirtioMem<P> {
         g: MutexGuard<'a, Inner<P::Transport>>,
     ) -> (MutexGuard<'a, Inner<P::Transport>>, bool) {
         self.remove_blocks(g, |sbm, mb| sbm.is_empty_added(mb), |_| {})
-    }
-
-    /// The end address of the highest plugged subblock, if any is plugged.
-    fn plugged_end(&self, sbm: &Sbm<KVVec<u64>>) -> Option<u64> {
-        let sbs = sbm.sbs_per_mb();
-        let mb = (0..sbm.nr_mbs())
-            .rev()
-            .find(|&mb| sbm.plugged(mb, 0, sbs) != Plugged::None)?;
-        let sb = (0..sbs)
-            .rev()
-            .find(|&sb| sbm.plugged(mb, sb, 1) == Plugged::All)?;
-        Some(self.geo.sb_addr(mb, sb + 1))
     }
 
     /// Page frame number of subblock `sb` of block `mb`.

@@ -456,6 +456,16 @@ impl<W: DerefMut<Target = [u64]>> Sbm<W> {
         empty
     }
 
+    /// Where plugged memory ends: the block of the highest plugged subblock and the
+    /// subblock after it (possibly `sbs_per_mb`). `None` if nothing is plugged.
+    pub(crate) fn plugged_end(&self) -> Option<(usize, usize)> {
+        (0..self.nr_mbs).rev().find_map(|mb| {
+            self.plugged_runs_rev(mb)
+                .next()
+                .map(|(first, count)| (mb, first + count))
+        })
+    }
+
     /// The highest plugged run (mb, first, count) of a block left plugged but not added,
     /// lowest such block first.
     pub(crate) fn next_pending(&self) -> Option<(usize, usize, usize)> {

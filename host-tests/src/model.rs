@@ -53,10 +53,11 @@
 //! # Where the harness mirrors `device.rs`
 //!
 //! Each function in the `impl World` block "device.rs, mirrored" is a transcription of the
-//! function of the same name in `drivers/device.rs` as of commit 97cb2a0 (`run`,
+//! function of the same name in `drivers/device.rs` as of commit 97cb2a0, `plugged_end` since
+//! moved into `sbm.rs` (`run`,
 //! `refresh`, `retry_later`, `mark_broken`, `request`, `request_sbs`, `plug`, `unplug`,
 //! `unplug_pending`, `unplug_online`, `fake_offline`, `remove_block`, `remove_blocks`,
-//! `remove_empty_blocks`, `plugged_end`, `memory_event`, `online_pages`, `sb_pfn`,
+//! `remove_empty_blocks`, `memory_event`, `online_pages`, `sb_pfn`,
 //! `sb_pages`) with `g.` as `self.g.`, the lock drops as `lock_dropped` checkpoints, and
 //! `Platform` / `Transport` calls as calls into the models (`k_*`, `pages_*`,
 //! `chan_request`, `read_config`, `queue_work`). When `device.rs` changes, these must
@@ -358,6 +359,17 @@ enum Refuse {
     No,
     Before,
     After,
+}
+
+impl Refuse {
+    /// What a script byte picks: mostly no refusal.
+    fn from_byte(b: u8) -> Self {
+        match b {
+            0..=229 => Refuse::No,
+            230..=242 => Refuse::Before,
+            _ => Refuse::After,
+        }
+    }
 }
 
 // ---- the script -------------------------------------------------------------------------
@@ -1575,6 +1587,14 @@ impl World {
         self.tape = saved;
     }
 
+    /// The first block from `from` on (wrapping around) for which `want` holds.
+    fn pick_block(&self, from: u8, want: impl Fn(&Block) -> bool) -> Option<usize> {
+        let n = self.blocks.len();
+        (0..n)
+            .map(|i| (usize::from(from) + i) % n)
+            .find(|&m| want(&self.blocks[m]))
+    }
+
     fn apply(&mut self, op: &Op) {
         match op {
             Op::Resize(sel) => self.resize(*sel),
@@ -1585,40 +1605,22 @@ impl World {
                 refuse,
                 interleave,
             } => {
-                let n = self.blocks.len();
-                let Some(mb) = (0..n)
-                    .map(|i| (usize::from(*mb) + i) % n)
-                    .find(|&m| self.blocks[m].added && self.blocks[m].online.is_none())
-                else {
+                let Some(mb) = self.pick_block(*mb, |b| b.added && b.online.is_none()) else {
                     return;
                 };
-                let refuse = match refuse {
-                    0..=229 => Refuse::No,
-                    230..=242 => Refuse::Before,
-                    _ => Refuse::After,
-                };
                 trace!(self, "user onlines block {mb}");
-                self.k_online(mb, *movable, refuse, interleave.clone());
+                self.k_online(mb, *movable, Refuse::from_byte(*refuse), interleave.clone());
             }
             Op::Offline {
                 mb,
                 refuse,
                 interleave,
             } => {
-                let n = self.blocks.len();
-                let Some(mb) = (0..n)
-                    .map(|i| (usize::from(*mb) + i) % n)
-                    .find(|&m| self.blocks[m].online.is_some())
-                else {
+                let Some(mb) = self.pick_block(*mb, |b| b.online.is_some()) else {
                     return;
                 };
-                let refuse = match refuse {
-                    0..=229 => Refuse::No,
-                    230..=242 => Refuse::Before,
-                    _ => Refuse::After,
-                };
                 trace!(self, "user offlines block {mb}");
-                self.k_offline(mb, refuse, interleave.clone());
+                self.k_offline(mb, Refuse::from_byte(*refuse), interleave.clone());
             }
             Op::Pin(n) => {
                 let buddy: Vec<usize> = (0..self.pages.len())
@@ -1819,7 +1821,8 @@ impl World {
             Err(_) => return false,
         };
         // The usable region may only shrink with UNPLUG_ALL, which leaves nothing plugged.
-        if let Some(end) = self.plugged_end() {
+        if let Some((mb, sb)) = self.g.sbm.plugged_end() {
+            let end = self.geo.sb_addr(mb, sb);
             if sizes.usable < end - self.geo.addr {
                 self.stats.shrink_refused += 1;
                 return false;
@@ -2158,19 +2161,6 @@ impl World {
     /// `VirtioMem::remove_empty_blocks`.
     fn remove_empty_blocks(&mut self) -> bool {
         self.remove_blocks(|sbm, mb| sbm.is_empty_added(mb))
-    }
-
-    /// `VirtioMem::plugged_end`.
-    fn plugged_end(&self) -> Option<u64> {
-        let sbm = &self.g.sbm;
-        let sbs = sbm.sbs_per_mb();
-        let mb = (0..sbm.nr_mbs())
-            .rev()
-            .find(|&mb| sbm.plugged(mb, 0, sbs) != Plugged::None)?;
-        let sb = (0..sbs)
-            .rev()
-            .find(|&sb| sbm.plugged(mb, sb, 1) == Plugged::All)?;
-        Some(self.geo.sb_addr(mb, sb + 1))
     }
 
     /// `VirtioMem::sb_pfn`.

@@ -342,6 +342,13 @@ fn check(sbm: &Sbm<Vec<u64>>, m: &Model) -> Result<(), TestCaseError> {
             prop_assert_eq!(full, n == SBS, "block {} is {:?} with {} plugged", mb, s, n);
         }
     }
+    // Where plugged memory ends: the highest plugged subblock, plus one.
+    let end = (0..NR_MBS)
+        .flat_map(|mb| (0..SBS).map(move |sb| (mb, sb)))
+        .filter(|&(mb, sb)| m.plugged[mb][sb])
+        .last()
+        .map(|(mb, sb)| (mb, sb + 1));
+    prop_assert_eq!(sbm.plugged_end(), end);
     Ok(())
 }
 
