@@ -492,8 +492,8 @@ void vmr_glue_explain_busy(struct vmr_glue *glue, unsigned long pfn, unsigned lo
 			continue;
 		folio = page_folio(page);
 		/*
-		 * Slab pages and large kmallocs are frozen (refcount 0) since 6.x, so they
-		 * are named before free pages on the per-CPU lists (refcount 0) are skipped.
+		 * Slab pages and large kmallocs have refcount 0 on this kernel (7.2), as have
+		 * free pages on the per-CPU lists: name the former before skipping the latter.
 		 */
 		if (folio_test_slab(folio))
 			kind = "a slab page";
