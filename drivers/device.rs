@@ -13,6 +13,7 @@
 
 use crate::{
     config::{ConfigError, Geometry, Sizes},
+    headroom::{self, MemInfo, Say, Stall},
     platform::{Platform, Transport},
     protocol::{self, BadResponse, RequestType, Response, RESPONSE_POISON, RESPONSE_SIZE},
     retry::Backoff,
@@ -70,6 +71,9 @@ enum Stop {
     RetryLater,
     /// The device answered BUSY (or NACK to an unplug): nothing more this round.
     Busy,
+    /// The guest needs its memory (see `headroom.rs`): taking more online memory would
+    /// leave it less than its margin. Retry soon.
+    Pressure(MemInfo),
     /// Too much memory is added but not online: wait until it is onlined.
     WaitForOnline,
     /// Every usable memory block is in use.
@@ -97,6 +101,11 @@ struct Inner<T> {
     nacked_at: Option<u64>,
     /// A range (pfn, pages) the last unplug round could not free, for the log.
     last_busy: Option<(u64, u64)>,
+    /// Rounds stopped in a row because the guest needs its memory.
+    stall: Stall,
+    /// What the guest had when the last round stopped because it needs its memory; `None`
+    /// once a round ends otherwise.
+    pressure: Option<MemInfo>,
 }
 
 /// One virtio-mem device, on platform `P` (the glue, or a mock in the KUnit suites).
@@ -206,6 +215,8 @@ impl<P: Platform> VirtioMem<P> {
                         waiting_for_online: false,
                         nacked_at: None,
                         last_busy: None,
+                        stall: Stall::default(),
+                        pressure: None,
                     },
                     "VirtioMem::inner"
                 ),
@@ -269,6 +280,13 @@ impl<P: Platform> VirtioMem<P> {
         (g.plugged, g.broken)
     }
 
+    /// What the guest had when the last round stopped because it needs its memory; `None`
+    /// if the last round did not stop for that.
+    #[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
+    pub(crate) fn waiting_for_guest(&self) -> Option<MemInfo> {
+        self.inner.lock().pressure
+    }
+
     /// The worker: follows the requested size.
     pub(crate) fn run(&self) {
         let mut g = self.inner.lock();
@@ -326,6 +344,21 @@ impl<P: Platform> VirtioMem<P> {
                 requested
             );
         }
+        if !matches!(result, Err(Stop::Pressure(_))) && g.stall.released() == Say::Ends {
+            g.pressure = None;
+            if requested < start_plugged {
+                dev_info!(
+                    self.dev,
+                    "guest memory available again: resuming the unplug\n"
+                );
+            } else {
+                dev_info!(
+                    self.dev,
+                    "no longer waiting for the guest's memory: requested size {:#x}\n",
+                    requested
+                );
+            }
+        }
         match result {
             Ok(()) | Err(Stop::Again) => g.backoff.reset(),
             Err(Stop::Nack) => {
@@ -343,6 +376,12 @@ impl<P: Platform> VirtioMem<P> {
                     g.backoff.reset();
                 }
                 self.retry_later(&mut g)
+            }
+            Err(Stop::Pressure(info)) => {
+                if g.plugged != start_plugged {
+                    g.backoff.reset();
+                }
+                self.wait_for_guest(&mut g, info)
             }
             Err(Stop::WaitForOnline) => {
                 dev_dbg!(self.dev, "waiting for added memory to be onlined\n");
@@ -413,6 +452,38 @@ impl<P: Platform> VirtioMem<P> {
         true
     }
 
+    /// Schedules the next round after one that stopped because the guest needs its memory,
+    /// soon (it costs a look at core mm's counters), and tells the operator at the start
+    /// of the stall and then at the backoff's pace. No slab is dropped: that would squeeze
+    /// a guest that has nothing to spare.
+    fn wait_for_guest(&self, g: &mut Inner<P::Transport>, info: MemInfo) {
+        let r = g.backoff.failed();
+        g.pressure = Some(info);
+        let asked = g.plugged.saturating_sub(g.sizes.requested) >> 20;
+        let (avail, margin) = (info.counted() >> 20, info.margin() >> 20);
+        match g.stall.pressed() {
+            Say::Begins => dev_warn!(
+                self.dev,
+                "guest needs its memory: {} MiB available, {} MiB more asked; waiting ({} MiB \
+                 stay the guest's)\n",
+                avail,
+                asked,
+                margin
+            ),
+            Say::GoesOn(rounds) => dev_info!(
+                self.dev,
+                "guest needs its memory: {} MiB available, {} MiB more asked; waiting ({} MiB \
+                 stay the guest's; {} rounds so far)\n",
+                avail,
+                asked,
+                margin,
+                rounds
+            ),
+            Say::Nothing | Say::Ends => {}
+        }
+        self.platform.queue_work(r.delay_ms.min(headroom::POLL_MS));
+    }
+
     /// Schedules the next round after a failed one (see `retry.rs`).
     fn retry_later(&self, g: &mut Inner<P::Transport>) {
         let r = g.backoff.failed();
@@ -432,8 +503,17 @@ impl<P: Platform> VirtioMem<P> {
                 self.platform.explain_busy(pfn, nr);
             }
         }
-        if r.drop_slab && g.plugged > g.sizes.requested && self.platform.drop_slab() {
-            dev_dbg!(self.dev, "dropped reclaimable slab objects\n");
+        // Only when it can help: reclaimable slab there is, and the guest can spare memory
+        // (dropping slab is no way to squeeze a guest that has none).
+        if r.drop_slab && g.plugged > g.sizes.requested {
+            let info = self.platform.mem_info();
+            if info.slab_worth_dropping() && info.spare() > 0 && self.platform.drop_slab() {
+                dev_dbg!(
+                    self.dev,
+                    "dropped reclaimable slab objects ({} KiB were reclaimable)\n",
+                    info.slab_reclaimable >> 10
+                );
+            }
         }
         self.platform.queue_work(r.delay_ms);
     }
@@ -654,6 +734,8 @@ impl<P: Platform> VirtioMem<P> {
         };
         // A block left with nothing plugged could not be removed: retry it later.
         let mut removal_failed = false;
+        // The guest could not spare all that was asked (what it had then).
+        let mut pressure = None;
         loop {
             if self.config_changed.load(Ordering::Acquire) {
                 return (g, Err(Stop::Again));
@@ -663,8 +745,12 @@ impl<P: Platform> VirtioMem<P> {
             let step = sbm.next_unplug(nb_sb, self.platform.unplug_online(), |mb| tried[mb]);
             let Some(step) = step else {
                 // Nothing more to try this round; what is left waits for the next one.
-                let left = nb_sb > 0 || removal_failed;
-                return (g, if left { Err(Stop::RetryLater) } else { Ok(()) });
+                let res = match pressure {
+                    Some(info) if nb_sb > 0 => Err(Stop::Pressure(info)),
+                    _ if nb_sb > 0 || removal_failed => Err(Stop::RetryLater),
+                    _ => Ok(()),
+                };
+                return (g, res);
             };
             let mb = match step {
                 UnplugStep::Offline { mb, first, count } => {
@@ -682,8 +768,17 @@ impl<P: Platform> VirtioMem<P> {
                     let mut cursor = OnlineCursor::new(sbm);
                     loop {
                         let nb_sb = ((g.plugged - target) >> sb_shift) as usize;
+                        // Never more than the guest can spare now.
+                        let info = self.platform.mem_info();
+                        let spare = (info.spare() >> sb_shift).min(nb_sb as u64) as usize;
+                        if spare < nb_sb {
+                            if spare == 0 {
+                                return (g, Err(Stop::Pressure(info)));
+                            }
+                            pressure = Some(info);
+                        }
                         let Mode::Sbm(sbm) = &g.mode;
-                        let Some((first, count)) = cursor.next(sbm, mb, nb_sb) else {
+                        let Some((first, count)) = cursor.next(sbm, mb, spare) else {
                             break;
                         };
                         match self.unplug_online(&mut g, mb, first, count) {
@@ -771,16 +866,23 @@ impl<P: Platform> VirtioMem<P> {
     }
 
     /// Takes plugged online pages from the kernel, with a few tries on ZONE_MOVABLE.
-    /// `RetryLater` if they cannot be freed now, `Again` if the config changed meanwhile.
+    /// `RetryLater` if they cannot be freed now, `Again` if the config changed meanwhile,
+    /// `Pressure` if the guest can no longer spare them.
     fn fake_offline(&self, pfn: u64, nr: u64) -> Result<(), Stop> {
         let tries = if self.platform.is_movable(pfn) {
             FAKE_OFFLINE_TRIES_MOVABLE
         } else {
             1
         };
+        let bytes = nr << self.page_shift;
         for _ in 0..tries {
             if self.config_changed.load(Ordering::Acquire) {
                 return Err(Stop::Again);
+            }
+            // Memory may have gone since the caller looked, and between tries.
+            let info = self.platform.mem_info();
+            if !info.may_take(bytes) {
+                return Err(Stop::Pressure(info));
             }
             match self.platform.fake_offline(pfn, nr) {
                 Ok(()) => return Ok(()),

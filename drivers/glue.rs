@@ -16,6 +16,7 @@
 use crate::{
     config::{Limits, RawConfig},
     device::{MemEvent, NotifyAnswer},
+    headroom::MemInfo,
     platform::{Platform, Transport},
     protocol::{REQUEST_SIZE, RESPONSE_SIZE},
 };
@@ -72,6 +73,12 @@ extern "C" {
     fn vmr_glue_explain_busy(glue: *mut RawGlue, pfn: c_ulong, nr_pages: c_ulong);
     fn vmr_glue_offline_and_remove(addr: u64, size: u64) -> c_int;
     fn vmr_glue_drop_slab() -> bool;
+    fn vmr_glue_mem_info(
+        available: *mut u64,
+        total: *mut u64,
+        slab_reclaimable: *mut u64,
+        active_file: *mut u64,
+    );
     fn vmr_glue_unplug_online() -> bool;
     fn vmr_glue_register_driver() -> c_int;
     fn vmr_glue_unregister_driver();
@@ -172,6 +179,20 @@ impl Platform for Glue {
     fn drop_slab(&self) -> bool {
         // SAFETY: no precondition; may sleep, and the worker may.
         unsafe { vmr_glue_drop_slab() }
+    }
+
+    fn mem_info(&self) -> MemInfo {
+        let mut info = MemInfo::default();
+        // SAFETY: the four pointers are valid for writes.
+        unsafe {
+            vmr_glue_mem_info(
+                &mut info.available,
+                &mut info.total,
+                &mut info.slab_reclaimable,
+                &mut info.active_file,
+            )
+        };
+        info
     }
 
     fn explain_busy(&self, pfn: u64, nr: u64) {

@@ -13,6 +13,7 @@
 
 use crate::{
     config::{Limits, RawConfig},
+    headroom::MemInfo,
     protocol::{REQUEST_SIZE, RESPONSE_SIZE},
 };
 use kernel::prelude::*;
@@ -64,6 +65,8 @@ pub(crate) trait Platform: Send + Sync + Sized + 'static {
     fn unplug_online(&self) -> bool;
     /// Frees reclaimable slab objects; `false` if that is not possible here.
     fn drop_slab(&self) -> bool;
+    /// What the guest has now: `MemAvailable`, `MemTotal`, `SReclaimable`, `Active(file)`.
+    fn mem_info(&self) -> MemInfo;
     /// Logs what keeps pages from being freed.
     fn explain_busy(&self, pfn: u64, nr: u64);
 
@@ -73,9 +76,9 @@ pub(crate) trait Platform: Send + Sync + Sized + 'static {
     fn keep_fake_offline(&self, pfn: u64, nr: u64);
     /// Fake-offline pages, now plugged, go to the buddy.
     fn fake_online(&self, pfn: u64, nr: u64);
-    /// One try to take plugged online pages from the kernel and keep them fake-offline.
-    /// `EBUSY` (or another error) if some could not be freed, `ENOMEM` if it is pointless
-    /// to try again soon.
+    /// One try to take plugged online pages from the kernel and keep them fake-offline,
+    /// without the OOM killer and without allocation failure reports. `EBUSY` (or another
+    /// error) if some could not be freed, `ENOMEM` if it is pointless to try again soon.
     fn fake_offline(&self, pfn: u64, nr: u64) -> Result;
     /// Whether the (online) page is in ZONE_MOVABLE.
     fn is_movable(&self, pfn: u64) -> bool;

@@ -458,13 +458,18 @@ void vmr_glue_fake_online(unsigned long pfn, unsigned long nr_pages)
  * One try to take plugged, online pages away from the kernel: allocate them (migrating
  * what is there), mark them PageOffline and drop them from the managed page count.
  * Returns 0, -EBUSY (something could not move), -ENOMEM or another error.
+ *
+ * The pages migrated away need new pages elsewhere: __GFP_RETRY_MAYFAIL lets that fail
+ * rather than call the OOM killer, and __GFP_NOWARN keeps a failure out of the log as a
+ * "page allocation failure" report (the worker retries, and says why in its own words).
  */
 int vmr_glue_fake_offline(unsigned long pfn, unsigned long nr_pages)
 {
 	unsigned long i;
 	int rc;
 
-	rc = alloc_contig_range(pfn, pfn + nr_pages, ACR_FLAGS_NONE, GFP_KERNEL);
+	rc = alloc_contig_range(pfn, pfn + nr_pages, ACR_FLAGS_NONE,
+				GFP_KERNEL | __GFP_RETRY_MAYFAIL | __GFP_NOWARN);
 	if (rc)
 		return rc;
 	page_offline_begin();
@@ -540,6 +545,17 @@ bool vmr_glue_drop_slab(void)
 	drop_slab();
 	return true;
 #endif
+}
+
+/* What the guest has now, in bytes: MemAvailable, MemTotal, SReclaimable, Active(file). */
+void vmr_glue_mem_info(u64 *available, u64 *total, u64 *slab_reclaimable, u64 *active_file)
+{
+	long avail = si_mem_available();
+
+	*available = avail > 0 ? (u64)avail << PAGE_SHIFT : 0;
+	*total = (u64)totalram_pages() << PAGE_SHIFT;
+	*slab_reclaimable = (u64)global_node_page_state_pages(NR_SLAB_RECLAIMABLE_B) << PAGE_SHIFT;
+	*active_file = (u64)global_node_page_state(NR_ACTIVE_FILE) << PAGE_SHIFT;
 }
 
 bool vmr_glue_unplug_online(void)

@@ -55,6 +55,7 @@ bool vmr_glue_is_movable(unsigned long pfn);
 void vmr_glue_explain_busy(struct vmr_glue *glue, unsigned long pfn, unsigned long nr_pages);
 int vmr_glue_offline_and_remove(u64 addr, u64 size);
 bool vmr_glue_drop_slab(void);
+void vmr_glue_mem_info(u64 *available, u64 *total, u64 *slab_reclaimable, u64 *active_file);
 bool vmr_glue_unplug_online(void);
 int vmr_glue_register_driver(void);
 void vmr_glue_unregister_driver(void);

@@ -10,6 +10,7 @@
 //! - [`protocol`]: requests and responses;
 //! - [`sbm`]: Sub Block Mode bookkeeping, plug and unplug planning;
 //! - [`retry`]: the retry schedule;
+//! - [`headroom`]: what the guest keeps for itself while memory is unplugged;
 //! - [`device`]: one device: the worker, the memory notifier, the online page callback;
 //! - [`platform`]: what [`device`] needs from the device and from core mm;
 //! - [`glue`]: the only place that calls C (`virtio_mem_glue.c`): [`platform`] for real.
@@ -22,6 +23,7 @@ use kernel::prelude::*;
 mod config;
 mod device;
 mod glue;
+mod headroom;
 mod platform;
 mod protocol;
 mod retry;

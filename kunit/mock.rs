@@ -16,9 +16,14 @@
 //! [`State::violations`] every operation that would be a bug in the real kernel: memory
 //! the device has not plugged handed to the buddy, memory of unknown state handed back,
 //! fake-offlining pages not in the buddy, removing memory that is still plugged.
+//!
+//! What the guest has ([`Platform::mem_info`]) is [`State::available`]: taking online
+//! memory (fake-offline) lowers it, handing memory to the buddy raises it; `MemTotal` is
+//! [`State::other_memory`] plus the device's memory in the buddy.
 
 use crate::{
     config::{Limits, RawConfig},
+    headroom::MemInfo,
     platform::{Platform, Transport},
     protocol::{REQUEST_SIZE, RESPONSE_SIZE},
 };
@@ -142,6 +147,19 @@ pub(crate) struct State {
     /// Use the running kernel's real limits instead.
     pub(crate) real_limits: bool,
     pub(crate) drop_slab_calls: u32,
+    /// `MemAvailable`, in bytes.
+    pub(crate) available: u64,
+    /// `MemTotal` without the device's memory, in bytes.
+    pub(crate) other_memory: u64,
+    /// `SReclaimable`, in bytes.
+    pub(crate) slab_reclaimable: u64,
+    /// `Active(file)`, in bytes.
+    pub(crate) active_file: u64,
+    /// After a failed fake-offline try, `available` becomes this (memory taken meanwhile
+    /// by someone else).
+    pub(crate) available_after_failure: Option<u64>,
+    /// Fake-offline tries, failed or not.
+    pub(crate) fake_offline_tries: u32,
 }
 
 impl State {
@@ -331,6 +349,12 @@ pub(crate) fn new_mock(cfg: RawConfig) -> Result<(MockPlatform, MockTransport)> 
         limits: mock_limits(),
         real_limits: false,
         drop_slab_calls: 0,
+        available: 16 << 30,
+        other_memory: 1 << 30,
+        slab_reclaimable: 16 << 20,
+        active_file: 0,
+        available_after_failure: None,
+        fake_offline_tries: 0,
     };
     let shared = Arc::pin_init(
         pin_init!(Shared {
@@ -478,11 +502,22 @@ impl Platform for MockPlatform {
         true
     }
 
+    fn mem_info(&self) -> MemInfo {
+        let s = self.0.state.lock();
+        MemInfo {
+            available: s.available,
+            total: s.other_memory + s.count(Chunk::Buddy) as u64 * CHUNK,
+            slab_reclaimable: s.slab_reclaimable,
+            active_file: s.active_file,
+        }
+    }
+
     fn explain_busy(&self, _pfn: u64, _nr: u64) {}
 
     fn online_pages(&self, pfn: u64, order: u32) {
         let mut s = self.0.state.lock();
         s.move_chunks(pfn, 1 << order, &[Chunk::Offline], Chunk::Buddy);
+        s.available += PAGE << order;
     }
 
     fn keep_fake_offline(&self, pfn: u64, nr: u64) {
@@ -493,15 +528,21 @@ impl Platform for MockPlatform {
     fn fake_online(&self, pfn: u64, nr: u64) {
         let mut s = self.0.state.lock();
         s.move_chunks(pfn, nr, &[Chunk::FakeOffline], Chunk::Buddy);
+        s.available += nr * PAGE;
     }
 
     fn fake_offline(&self, pfn: u64, nr: u64) -> Result {
         let mut s = self.0.state.lock();
+        s.fake_offline_tries += 1;
         if s.fail_fake_offline > 0 {
             s.fail_fake_offline -= 1;
+            if let Some(a) = s.available_after_failure {
+                s.available = a;
+            }
             return Err(EBUSY);
         }
         s.move_chunks(pfn, nr, &[Chunk::Buddy], Chunk::FakeOffline);
+        s.available = s.available.saturating_sub(nr * PAGE);
         Ok(())
     }
 

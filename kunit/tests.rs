@@ -8,11 +8,13 @@
 //! check of the driver: without that check it fails.
 //!
 //! - `virtio_mem_rust_config`: configs a device may present, at probe and at runtime;
-//! - `virtio_mem_rust_responses`: answers a device may give, and failures of core mm.
+//! - `virtio_mem_rust_responses`: answers a device may give, and failures of core mm;
+//! - `virtio_mem_rust_headroom`: a guest that needs its memory keeps it.
 
 use crate::{
     config::RawConfig,
     device::{MemEvent, NotifyAnswer, VirtioMem},
+    headroom::{MIN_MARGIN, POLL_MS},
     mock::{
         new_mock, qemu_config, Answer, Chunk, MockPlatform, Shared, State, ACK, BUSY, ERROR,
         MEMORY_BLOCK, NACK, PAGE, PLUG, UNPLUG, UNPLUG_ALL,
@@ -800,6 +802,151 @@ mod responses_suite {
         let s = f.snap();
         assert_eq!(s.removed, 2);
         assert_eq!(s.violations, 0);
+        Ok(())
+    }
+}
+
+#[kunit_tests(virtio_mem_rust_headroom)]
+mod headroom_suite {
+    use super::*;
+
+    /// Every delay queued so far.
+    fn delays(f: &Fixture) -> Result<KVec<u32>> {
+        let s = f.mock.state.lock();
+        let mut v = KVec::new();
+        for d in s.queued.iter() {
+            v.push(*d, GFP_KERNEL)?;
+        }
+        Ok(v)
+    }
+
+    #[test]
+    fn guest_without_spare_memory_keeps_it() -> Result {
+        let mut f = probe(c"vmr-kunit-pressure", qemu_config(), |_| {})?;
+        let before = f.grow_online(256 * MIB)?;
+        // 1 GiB + 256 MiB of guest memory: the margin is 128 MiB, and only 100 MiB are
+        // available.
+        f.with(|s| s.available = 100 * MIB);
+        f.resize(0);
+        for _ in 0..5 {
+            f.vm.run();
+        }
+        let s = f.snap();
+        // Nothing was taken, not even tried; the device keeps its memory.
+        assert_eq!(f.mock.state.lock().fake_offline_tries, 0);
+        assert_eq!(s.unplugs, before.unplugs);
+        assert_eq!(s.device, 256 * MIB);
+        assert_eq!(s.buddy, before.buddy);
+        assert!(!s.broken);
+        let info = f.vm.waiting_for_guest().ok_or(EINVAL)?;
+        assert_eq!(info.available, 100 * MIB);
+        assert_eq!(info.margin(), MIN_MARGIN);
+        // Retried soon, never later than the poll interval; no slab dropped to squeeze it.
+        let d = delays(&f)?;
+        assert_eq!(&d[..], &[1000, 2000, 4000, 8000, POLL_MS, POLL_MS][..]);
+        assert_eq!(f.mock.state.lock().drop_slab_calls, 0);
+        // The guest frees memory: the next round gives everything back.
+        f.with(|s| s.available = 2 << 30);
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.device, 0);
+        assert_eq!(s.removed, 2);
+        assert!(f.vm.waiting_for_guest().is_none());
+        assert_eq!(s.violations, 0);
+        assert_eq!(s.invalid, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn guest_keeps_its_margin_and_gives_the_rest() -> Result {
+        let mut f = probe(c"vmr-kunit-margin", qemu_config(), |_| {})?;
+        f.grow_online(256 * MIB)?;
+        // 64 MiB and a page beyond the margin: 32 subblocks can go, not 33.
+        f.with(|s| s.available = MIN_MARGIN + 64 * MIB + PAGE);
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(s.device, 192 * MIB);
+        assert_eq!(s.driver, 192 * MIB);
+        assert_eq!(f.mock.state.lock().available, MIN_MARGIN + PAGE);
+        assert!(f.vm.waiting_for_guest().is_some());
+        // A config change is looked at, but the guest still has nothing to spare.
+        f.resize(64 * MIB);
+        assert_eq!(f.snap().device, 192 * MIB);
+        // Memory freed, a config change: the rest goes.
+        f.with(|s| s.available += 128 * MIB);
+        f.resize(64 * MIB);
+        let s = f.snap();
+        assert_eq!(s.device, 64 * MIB);
+        assert_eq!(f.mock.state.lock().available, MIN_MARGIN + PAGE);
+        assert!(f.vm.waiting_for_guest().is_none());
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn active_page_cache_is_the_guests() -> Result {
+        let mut f = probe(c"vmr-kunit-active-file", qemu_config(), |_| {})?;
+        f.grow_online(128 * MIB)?;
+        // Plenty available, but most of it is page cache in use.
+        f.with(|s| {
+            s.available = 2 << 30;
+            s.active_file = (2 << 30) - 100 * MIB;
+        });
+        f.resize(0);
+        assert_eq!(f.mock.state.lock().fake_offline_tries, 0);
+        assert_eq!(f.snap().device, 128 * MIB);
+        assert!(f.vm.waiting_for_guest().is_some());
+        // The cache goes inactive: it counts.
+        f.with(|s| s.active_file = 0);
+        f.vm.run();
+        assert_eq!(f.snap().device, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn memory_gone_between_tries_stops_the_round() -> Result {
+        let mut f = probe(c"vmr-kunit-pressure-tries", qemu_config(), |s| {
+            s.movable = true
+        })?;
+        f.grow_online(128 * MIB)?;
+        // The first try fails, and meanwhile something else took the guest's memory.
+        f.with(|s| {
+            s.fail_fake_offline = 1;
+            s.available_after_failure = Some(64 * MIB);
+        });
+        f.resize(0);
+        let s = f.snap();
+        // ZONE_MOVABLE would get 5 tries; the second is not made.
+        assert_eq!(f.mock.state.lock().fake_offline_tries, 1);
+        assert_eq!(s.device, 128 * MIB);
+        assert!(f
+            .vm
+            .waiting_for_guest()
+            .is_some_and(|i| i.available == 64 * MIB));
+        assert!(s.last_delay.is_some_and(|d| d <= POLL_MS));
+        Ok(())
+    }
+
+    #[test]
+    fn slab_is_dropped_only_when_it_can_help() -> Result {
+        let mut f = probe(c"vmr-kunit-drop-slab", qemu_config(), |_| {})?;
+        f.grow_online(128 * MIB)?;
+        // Busy memory, nothing reclaimable in slab: rounds fail, no drop_slab.
+        f.with(|s| {
+            s.fail_fake_offline = u32::MAX;
+            s.slab_reclaimable = 0;
+        });
+        f.resize(0);
+        for _ in 0..4 {
+            f.vm.run();
+        }
+        assert_eq!(f.mock.state.lock().drop_slab_calls, 0);
+        // Reclaimable slab present: dropped before the next retry.
+        f.with(|s| s.slab_reclaimable = 16 * MIB);
+        f.vm.run();
+        assert_eq!(f.mock.state.lock().drop_slab_calls, 1);
+        assert!(f.vm.waiting_for_guest().is_none());
+        assert_eq!(f.snap().device, 128 * MIB);
         Ok(())
     }
 }

@@ -7,6 +7,8 @@
 
 #[path = "../../drivers/config.rs"]
 pub(crate) mod config;
+#[path = "../../drivers/headroom.rs"]
+pub(crate) mod headroom;
 #[path = "../../drivers/protocol.rs"]
 pub(crate) mod protocol;
 #[path = "../../drivers/retry.rs"]

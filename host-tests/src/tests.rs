@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 
 use crate::config::{Geometry, Limits, RawConfig, Sizes};
+use crate::headroom::{MemInfo, Say, Stall, DROP_SLAB_MIN, MARGIN_SHIFT, MIN_MARGIN};
 use crate::protocol::{split_run, BadResponse, Response, MAX_BLOCKS_PER_REQUEST};
 use crate::retry::{Backoff, DROP_SLAB_AFTER, MAX_MS, MIN_MS};
 use crate::sbm::{MbState, OnlineCursor, PlugStep, Plugged, Sbm, UnplugStep};
@@ -196,7 +197,73 @@ fn backoff_doubles_caps_resets_and_drops_slab() {
     assert_eq!(b.failed().delay_ms, MIN_MS);
 }
 
+#[test]
+fn the_guest_keeps_its_margin() {
+    let info = |available, total| MemInfo {
+        available,
+        total,
+        slab_reclaimable: 0,
+        active_file: 0,
+    };
+    // Small guests keep 128 MiB, large ones 1/32 of their memory.
+    assert_eq!(info(0, GIB).margin(), 128 * MIB);
+    assert_eq!(info(0, 4 * GIB).margin(), 128 * MIB);
+    assert_eq!(info(0, 7 * GIB).margin(), 224 * MIB);
+    assert_eq!(info(0, 64 * GIB).margin(), 2 * GIB);
+    // What is spare is what is available beyond it, never less than nothing.
+    assert_eq!(info(100 * MIB, 3 * GIB).spare(), 0);
+    assert_eq!(info(128 * MIB, 3 * GIB).spare(), 0);
+    assert_eq!(info(1000 * MIB, 3 * GIB).spare(), 872 * MIB);
+    assert!(info(1000 * MIB, 3 * GIB).may_take(872 * MIB));
+    assert!(!info(1000 * MIB, 3 * GIB).may_take(872 * MIB + 4096));
+    assert!(info(0, GIB).may_take(0));
+    // The active page cache is the guest's working set: never counted as spare.
+    let cached = MemInfo {
+        active_file: 500 * MIB,
+        ..info(1000 * MIB, 3 * GIB)
+    };
+    assert_eq!(cached.spare(), 372 * MIB);
+    let all_cached = MemInfo {
+        active_file: 2 * GIB,
+        ..info(1000 * MIB, 3 * GIB)
+    };
+    assert_eq!(all_cached.spare(), 0);
+    let slab = |slab_reclaimable| MemInfo {
+        slab_reclaimable,
+        ..info(GIB, GIB)
+    };
+    assert!(!slab(0).slab_worth_dropping());
+    assert!(!slab(DROP_SLAB_MIN - 1).slab_worth_dropping());
+    assert!(slab(DROP_SLAB_MIN).slab_worth_dropping());
+}
+
+#[test]
+fn a_stall_is_told_at_its_start_then_at_the_backoff_pace_then_at_its_end() {
+    let mut s = Stall::default();
+    assert_eq!(s.released(), Say::Nothing);
+    let said: Vec<Say> = (0..20).map(|_| s.pressed()).collect();
+    let told: Vec<(usize, Say)> = said
+        .into_iter()
+        .enumerate()
+        .filter(|(_, x)| *x != Say::Nothing)
+        .collect();
+    assert_eq!(
+        told,
+        [
+            (0, Say::Begins),
+            (1, Say::GoesOn(2)),
+            (3, Say::GoesOn(4)),
+            (7, Say::GoesOn(8)),
+            (15, Say::GoesOn(16))
+        ]
+    );
+    assert_eq!(s.released(), Say::Ends);
+    assert_eq!(s.released(), Say::Nothing);
+    assert_eq!(s.pressed(), Say::Begins);
+}
+
 /// Cases each property test's body actually ran (`generated cases: N` at its end).
+static HEADROOM_CASES: AtomicU64 = AtomicU64::new(0);
 static ANY_CONFIG_CASES: AtomicU64 = AtomicU64::new(0);
 static SPLIT_CASES: AtomicU64 = AtomicU64::new(0);
 static BOOKKEEPING_CASES: AtomicU64 = AtomicU64::new(0);
@@ -209,6 +276,15 @@ fn counted(name: &str, counter: &AtomicU64, property: fn()) {
     println!(
         "{name}: generated cases: {}",
         counter.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn taking_what_is_spare_never_goes_below_the_margin() {
+    counted(
+        "taking_what_is_spare_never_goes_below_the_margin",
+        &HEADROOM_CASES,
+        taking_what_is_spare_never_goes_below_the_margin_prop,
     );
 }
 
@@ -241,6 +317,28 @@ fn bookkeeping_matches_the_model() {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// Whatever the guest has: what may be taken leaves at least the margin available, the
+    /// margin is never below its floor nor below 1/32 of the guest, and more available
+    /// memory never means less to spare.
+    fn taking_what_is_spare_never_goes_below_the_margin_prop(available in any::<u64>(), total in any::<u64>(),
+                                                            active_file in any::<u64>(), take in any::<u64>(),
+                                                            more in any::<u64>()) {
+        HEADROOM_CASES.fetch_add(1, Ordering::Relaxed);
+        let info = MemInfo { available, total, slab_reclaimable: 0, active_file };
+        let m = info.margin();
+        prop_assert!(m >= MIN_MARGIN && m >= total >> MARGIN_SHIFT);
+        prop_assert!(m == MIN_MARGIN || m == total >> MARGIN_SHIFT);
+        let counted = available.saturating_sub(active_file);
+        if info.may_take(take) {
+            prop_assert!(counted - take >= m);
+        } else {
+            prop_assert!(counted.checked_sub(take).is_none_or(|left| left < m));
+        }
+        prop_assert!(info.may_take(info.spare()));
+        let richer = MemInfo { available: available.saturating_add(more), ..info };
+        prop_assert!(richer.spare() >= info.spare());
+    }
 
     /// Any config: never a panic; an accepted one keeps the geometry's invariants.
     fn any_config_is_safe_prop(bs_shift in 0u32..64, bs_raw in any::<u64>(), use_raw in any::<bool>(),
