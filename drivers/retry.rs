@@ -9,7 +9,10 @@
 //!
 //! From the [`DROP_SLAB_AFTER`]th failed round in a row on, the worker drops reclaimable
 //! slab objects before trying again: dentries and inodes are the usual unmovable
-//! leftovers in hotplugged kernel memory.
+//! leftovers in hotplugged kernel memory. It does so only when that can help (some slab is
+//! reclaimable) and the guest has memory to spare (`headroom.rs`); a round stopped because
+//! the guest needs its memory is retried sooner (`headroom::POLL_MS` at most) and never
+//! drops slab.
 //!
 //! Plain `core` Rust: no kernel calls, so the same code can be tested on the host.
 

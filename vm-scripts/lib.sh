@@ -39,10 +39,12 @@ rust_env() {
 
 # Joins the project to the cached kernel tree (idempotent): our files under
 # drivers/virtio/virtio_mem_rust/ and one line each in drivers/virtio/{Kconfig,Makefile}.
+# Only files whose content changed are copied, and they get the time of the copy, not of
+# the edit: an object built from an older copy after the edit must still be rebuilt.
 join_tree() {
 	local dst=$KSRC/drivers/virtio/virtio_mem_rust
 	mkdir -p "$dst"
-	rsync -a --delete --checksum "$REPO/Kbuild" "$REPO/Kconfig" "$REPO/drivers" \
+	rsync -rlp --delete --checksum "$REPO/Kbuild" "$REPO/Kconfig" "$REPO/drivers" \
 		"$REPO/include-uapi" "$REPO/kunit" "$dst/"
 	grep -q 'virtio_mem_rust/Kconfig' "$KSRC/drivers/virtio/Kconfig" ||
 		echo 'source "drivers/virtio/virtio_mem_rust/Kconfig"' >> "$KSRC/drivers/virtio/Kconfig"
