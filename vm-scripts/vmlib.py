@@ -63,6 +63,14 @@ def parse_size(s: str | int) -> int:
     return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[m.group(2)]
 
 
+def format_size(n: int) -> str:
+    """Bytes -> '9G', '512M' or a plain number, as QEMU's command line takes them."""
+    for unit, shift in (("G", 30), ("M", 20)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
 def cpio_newc(files: dict[str, bytes]) -> bytes:
     """A gzip'd newc cpio archive of regular files (and their directories), to append to the
     initramfs: the kernel unpacks concatenated archives in order."""
@@ -95,14 +103,15 @@ class GuestError(RuntimeError):
 
 class Vm:
     """One QEMU guest: q35, TCG, 2 vCPUs, 1 GiB boot memory, maxmem 9 GiB, and a
-    virtio-mem-pci device `vm0` backed by an 8 GiB memory-backend-ram.
+    virtio-mem-pci device `vm0` backed by an 8 GiB memory-backend-ram (`device_size`
+    changes the backend, and maxmem with it: 1 GiB more).
 
     `kernel` is "rust", "upstream", "debug" or the path of a bzImage. Timeouts are those of
     the rust kernel; on a slower kernel (SLOWDOWN) every timeout is multiplied by its
     factor, `self.slowdown`."""
 
     def __init__(self, kernel: str | Path = "rust", *, requested: str | int = 0,
-                 block_size: str | None = None, append: str = "",
+                 block_size: str | None = None, device_size: str | int = "8G", append: str = "",
                  extra_files: dict[str, bytes] | None = None,
                  interactive: bool = False, workdir: Path | None = None):
         self.name = str(kernel) if str(kernel) in KERNELS else None
@@ -110,6 +119,7 @@ class Vm:
         self.slowdown = SLOWDOWN.get(self.name, 1.0)
         self.requested = parse_size(requested)
         self.block_size = block_size
+        self.device_size = parse_size(device_size)
         self.append = append
         self.extra_files = extra_files or {}
         self.interactive = interactive
@@ -135,8 +145,8 @@ class Vm:
             dev += f",block-size={self.block_size}"
         cmd = [
             "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max",
-            "-smp", "2", "-m", "1G,maxmem=9G,slots=1",
-            "-object", "memory-backend-ram,id=mem0,size=8G",
+            "-smp", "2", "-m", f"1G,maxmem={format_size(GiB + self.device_size)},slots=1",
+            "-object", f"memory-backend-ram,id=mem0,size={format_size(self.device_size)}",
             "-device", dev,
             "-kernel", str(self.kernel), "-initrd", str(initrd),
             "-append", " ".join(filter(None, ("console=ttyS0 loglevel=5 panic=-1",
@@ -191,6 +201,10 @@ class Vm:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
+
+    def running(self) -> bool:
+        """QEMU is still running (a guest panic ends it: panic=-1 and -no-reboot)."""
+        return self.proc is not None and self.proc.poll() is None
 
     def __enter__(self) -> "Vm":
         return self.start()
@@ -268,6 +282,14 @@ class Vm:
         # A tag of its own: a guest loop may print /proc/meminfo lines to the console too.
         out = self.run("awk '/^MemTotal:/ { print \"VMR_MEMTOTAL_KB=\" $2 }' /proc/meminfo")
         return int(re.search(r"VMR_MEMTOTAL_KB=(\d+)", out).group(1)) * 1024
+
+    def meminfo(self, timeout: float = 60) -> dict[str, int]:
+        """/proc/meminfo in bytes ("MemTotal", "MemAvailable", "Shmem", ...); `timeout` as
+        for run()."""
+        # A tag of its own, as in memtotal(): kernel messages may share the console.
+        out = self.run("sed 's/^/VMR_MEMINFO /' /proc/meminfo", timeout=timeout)
+        return {m.group(1): int(m.group(2)) * 1024
+                for m in re.finditer(r"^VMR_MEMINFO (\w+(?:\(\w+\))?):\s+(\d+) kB$", out, re.M)}
 
     def device(self) -> dict:
         """QEMU's view of vm0 (query-memory-devices): size, requested-size, addr, ..."""
