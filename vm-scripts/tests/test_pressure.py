@@ -41,9 +41,10 @@ EVERY = 10.0
 # kernel, so 10 s is plenty for both and a stall of the guest shows as a timeout).
 ANSWER = 10.0
 # Whether the upstream C driver runs each data scenario once per session for comparison:
-# `make soak` sets VMR_PRESSURE_REFERENCE=1. Not in `make test`: measured on 2 cores, the
-# six tests here take about 31 minutes, the two reference runs 8 more (the C driver dies
-# within a minute in the default-policy scenario and survives the movable one).
+# `make soak` sets VMR_PRESSURE_REFERENCE=1. Not in `make test`, for CI's time: on 2 cores
+# the six tests took 31 minutes in all (3.5 to 7 each), the two reference runs 5 more
+# (movable 200 s: the guest survives, but the OOM killer takes its shell 10 s after the
+# request; default policy 90 s: the guest panics 30 s after the request).
 REFERENCE = os.environ.get("VMR_PRESSURE_REFERENCE", "0") == "1"
 
 MOVABLE = "memhp_default_state=online_movable"
@@ -369,7 +370,8 @@ def shrink_beyond_the_data(vm: Vm, sc: Scenario) -> None:
 
 
 # The growing process: a dd that reads 1.5 GiB from a pipe into a single buffer, fed by
-# vmr-fill (pseudo-random data, about 90 MiB/s on the rust kernel, 30 on the debug one), so
+# vmr-fill (pseudo-random data; through the pipe about 40 MiB/s on the rust kernel, 13 on
+# the debug one, and as slowly back to the checker at the end), so
 # its RSS grows steadily, every page different and none of them zero (zero subpages of a
 # THP could be split off and freed under pressure). Then it blocks writing its buffer to a
 # reader that waits on a FIFO: it holds the memory, which cannot go anywhere (no swap).
@@ -384,7 +386,7 @@ GROWER = (f"mkfifo /tmp/release && (vmr-fill 7 {PROCESS // MiB} "
 @RUST_AND_DEBUG
 def test_shrink_beside_a_growing_process(boot, kernel):
     """ZONE_MOVABLE, 4G plugged. A process grows to 1.5 GiB of anonymous memory (pseudo-random
-    data) and holds it (about 20 s on the rust kernel, a minute on the debug one). While it
+    data) and holds it (about 40 s on the rust kernel, 2 minutes on the debug one). While it
     grows, a shrink to 2G (which leaves it room) completes beside it; once it holds its
     1.5 GiB, a shrink to 512M (1 GiB boot + 512 MiB is less than it needs) must not hurt it:
     for the stall window it keeps its memory and is not OOM-killed, the guest answers,
