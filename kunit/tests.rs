@@ -157,6 +157,16 @@ impl Fixture {
         Ok(())
     }
 
+    /// Every worker run queued so far, by delay in ms.
+    fn delays(&self) -> Result<KVec<u32>> {
+        let s = self.mock.state.lock();
+        let mut v = KVec::new();
+        for d in s.queued.iter() {
+            v.push(*d, GFP_KERNEL)?;
+        }
+        Ok(v)
+    }
+
     fn with(&self, f: impl FnOnce(&mut State)) {
         f(&mut self.mock.state.lock());
     }
@@ -560,14 +570,7 @@ mod responses_suite {
         for _ in 0..4 {
             f.vm.run();
         }
-        let delays: KVec<u32> = {
-            let s = f.mock.state.lock();
-            let mut v = KVec::new();
-            for d in s.queued.iter() {
-                v.push(*d, GFP_KERNEL)?;
-            }
-            v
-        };
+        let delays = f.delays()?;
         assert_eq!(&delays[..], &[1000, 2000, 4000, 8000, 16000][..]);
         assert_eq!(f.snap().device, 0);
         // The timer fires: the device answers again.
@@ -810,16 +813,6 @@ mod responses_suite {
 mod headroom_suite {
     use super::*;
 
-    /// Every delay queued so far.
-    fn delays(f: &Fixture) -> Result<KVec<u32>> {
-        let s = f.mock.state.lock();
-        let mut v = KVec::new();
-        for d in s.queued.iter() {
-            v.push(*d, GFP_KERNEL)?;
-        }
-        Ok(v)
-    }
-
     #[test]
     fn guest_without_spare_memory_keeps_it() -> Result {
         let mut f = probe(c"vmr-kunit-pressure", qemu_config(), |_| {})?;
@@ -842,7 +835,7 @@ mod headroom_suite {
         assert_eq!(info.available, 100 * MIB);
         assert_eq!(info.margin(), MIN_MARGIN);
         // Retried soon, never later than the poll interval; no slab dropped to squeeze it.
-        let d = delays(&f)?;
+        let d = f.delays()?;
         assert_eq!(&d[..], &[1000, 2000, 4000, 8000, POLL_MS, POLL_MS][..]);
         assert_eq!(f.mock.state.lock().drop_slab_calls, 0);
         // The guest frees memory: the next round gives everything back.
