@@ -124,6 +124,21 @@ pub(crate) struct VirtioMem<P: Platform> {
     inner: Mutex<Inner<P::Transport>>,
 }
 
+/// The state the tests check, as [`VirtioMem::view`] shows it.
+#[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
+// Not `expect`: the host tests read every field, KUnit only some.
+#[allow(dead_code)]
+pub(crate) struct View<'a> {
+    pub(crate) sbm: &'a Sbm<KVVec<u64>>,
+    pub(crate) plugged: u64,
+    /// The requested size of the last valid config.
+    pub(crate) requested: u64,
+    pub(crate) broken: bool,
+    pub(crate) unplug_all_required: bool,
+    pub(crate) waiting_for_online: bool,
+    pub(crate) nacked_at: Option<u64>,
+}
+
 /// How a stop while unplugging is handled: the device does not NACK an unplug, so a NACK
 /// there is retried like BUSY.
 fn unplug_stop(stop: Stop) -> Stop {
@@ -276,8 +291,23 @@ impl<P: Platform> VirtioMem<P> {
     /// What this driver has plugged, and whether it gave up on the device.
     #[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
     pub(crate) fn status(&self) -> (u64, bool) {
+        self.view(|v| (v.plugged, v.broken))
+    }
+
+    /// Calls `f` with a look at the state, under the lock: the tests' invariants.
+    #[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
+    pub(crate) fn view<R>(&self, f: impl FnOnce(&View<'_>) -> R) -> R {
         let g = self.inner.lock();
-        (g.plugged, g.broken)
+        let Mode::Sbm(sbm) = &g.mode;
+        f(&View {
+            sbm,
+            plugged: g.plugged,
+            requested: g.sizes.requested,
+            broken: g.broken,
+            unplug_all_required: g.unplug_all_required,
+            waiting_for_online: g.waiting_for_online,
+            nacked_at: g.nacked_at,
+        })
     }
 
     /// What the guest had when the last round stopped because it needs its memory; `None`

@@ -7,8 +7,12 @@
 
 #[path = "../../drivers/config.rs"]
 pub(crate) mod config;
+#[path = "../../drivers/device.rs"]
+pub(crate) mod device;
 #[path = "../../drivers/headroom.rs"]
 pub(crate) mod headroom;
+#[path = "../../drivers/platform.rs"]
+pub(crate) mod platform;
 #[path = "../../drivers/protocol.rs"]
 pub(crate) mod protocol;
 #[path = "../../drivers/retry.rs"]

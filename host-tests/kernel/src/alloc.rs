@@ -1,0 +1,79 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! `kernel::alloc`: allocation flags and the kernel's `Vec`, on `std`.
+
+use core::{
+    marker::PhantomData,
+    ops::{Deref, DerefMut},
+};
+
+/// `kernel::alloc::Flags`: ignored on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flags(u32);
+
+/// `kernel::alloc::flags`.
+pub mod flags {
+    use super::Flags;
+
+    /// `GFP_KERNEL`.
+    pub const GFP_KERNEL: Flags = Flags(0);
+}
+
+/// `kernel::alloc::AllocError`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocError;
+
+/// The kernel's allocators, as type markers.
+pub mod allocator {
+    /// `kmalloc`.
+    pub struct Kmalloc;
+    /// `kvmalloc`.
+    pub struct KVmalloc;
+}
+
+/// `kernel::alloc::kvec::Vec`: a vector that allocates fallibly with the given allocator.
+pub struct Vec<T, A>(std::vec::Vec<T>, PhantomData<A>);
+
+/// `kernel::alloc::KVec`.
+pub type KVec<T> = Vec<T, allocator::Kmalloc>;
+/// `kernel::alloc::KVVec`.
+pub type KVVec<T> = Vec<T, allocator::KVmalloc>;
+
+impl<T, A> Vec<T, A> {
+    /// `Vec::from_elem`: `n` clones of `value`.
+    pub fn from_elem(value: T, n: usize, _flags: Flags) -> Result<Self, AllocError>
+    where
+        T: Clone,
+    {
+        let mut v = std::vec::Vec::new();
+        v.try_reserve_exact(n).map_err(|_| AllocError)?;
+        v.resize(n, value);
+        Ok(Vec(v, PhantomData))
+    }
+}
+
+impl<T, A> Deref for Vec<T, A> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        &self.0
+    }
+}
+
+impl<T, A> DerefMut for Vec<T, A> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.0
+    }
+}
+
+impl<T, A> AsRef<[T]> for Vec<T, A> {
+    fn as_ref(&self) -> &[T] {
+        &self.0
+    }
+}
+
+impl<T, A> AsMut<[T]> for Vec<T, A> {
+    fn as_mut(&mut self) -> &mut [T] {
+        &mut self.0
+    }
+}
