@@ -20,7 +20,33 @@ pub(crate) mod retry;
 #[path = "../../drivers/sbm.rs"]
 pub(crate) mod sbm;
 
+// The KUnit suites and their mock device, run as host tests too.
+#[cfg(test)]
+#[path = "../../kunit/tests.rs"]
+mod kunit;
+#[cfg(test)]
+#[path = "../../kunit/mock.rs"]
+mod mock;
+
 #[cfg(test)]
 mod model;
 #[cfg(test)]
 mod tests;
+
+/// What the KUnit mock asks of the glue when a test wants the running kernel's limits: on
+/// the host, x86-64's (4 KiB pages, 128 MiB memory blocks, 2 MiB pageblocks, 46 bits of
+/// physical address space).
+#[cfg(test)]
+mod glue {
+    use crate::config::Limits;
+
+    pub(crate) fn mm_limits() -> Limits {
+        Limits {
+            page_size: 4096,
+            memory_block_size: 128 << 20,
+            pageblock_size: 2 << 20,
+            pluggable_start: 0,
+            pluggable_end: (1 << 46) - 1,
+        }
+    }
+}

@@ -23,6 +23,10 @@ pub mod flags {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AllocError;
 
+/// `kernel::alloc::kvec::RemoveError`: the index was out of bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoveError;
+
 /// The kernel's allocators, as type markers.
 pub mod allocator {
     /// `kmalloc`.
@@ -40,6 +44,27 @@ pub type KVec<T> = Vec<T, allocator::Kmalloc>;
 pub type KVVec<T> = Vec<T, allocator::KVmalloc>;
 
 impl<T, A> Vec<T, A> {
+    /// `Vec::new`: empty, nothing allocated.
+    pub const fn new() -> Self {
+        Vec(std::vec::Vec::new(), PhantomData)
+    }
+
+    /// `Vec::push`: appends `v`, allocating as needed.
+    pub fn push(&mut self, v: T, _flags: Flags) -> Result<(), AllocError> {
+        self.0.try_reserve(1).map_err(|_| AllocError)?;
+        self.0.push(v);
+        Ok(())
+    }
+
+    /// `Vec::remove`: takes out element `i`, moving the rest down.
+    pub fn remove(&mut self, i: usize) -> Result<T, RemoveError> {
+        if i < self.0.len() {
+            Ok(self.0.remove(i))
+        } else {
+            Err(RemoveError)
+        }
+    }
+
     /// `Vec::from_elem`: `n` clones of `value`.
     pub fn from_elem(value: T, n: usize, _flags: Flags) -> Result<Self, AllocError>
     where
@@ -49,6 +74,12 @@ impl<T, A> Vec<T, A> {
         v.try_reserve_exact(n).map_err(|_| AllocError)?;
         v.resize(n, value);
         Ok(Vec(v, PhantomData))
+    }
+}
+
+impl<T, A> Default for Vec<T, A> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

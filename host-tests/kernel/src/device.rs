@@ -2,7 +2,7 @@
 
 //! `kernel::device::Device`, reduced to its log.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// The level of a `dev_*!` line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -15,14 +15,14 @@ pub enum Level {
 
 /// `kernel::device::Device`: what the driver logs through it is kept, in order.
 pub struct Device {
-    log: Mutex<Vec<(Level, String)>>,
+    log: Arc<Mutex<Vec<(Level, String)>>>,
 }
 
 impl Device {
     /// A device with an empty log.
     pub fn new() -> crate::sync::aref::ARef<Self> {
         crate::sync::aref::ARef::new(Device {
-            log: Mutex::new(Vec::new()),
+            log: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -41,5 +41,15 @@ impl Device {
 impl AsRef<Device> for Device {
     fn as_ref(&self) -> &Device {
         self
+    }
+}
+
+/// A new reference to the device (the kernel's takes a reference count; here the copy
+/// shares the log).
+impl From<&Device> for crate::sync::aref::ARef<Device> {
+    fn from(dev: &Device) -> Self {
+        crate::sync::aref::ARef::new(Device {
+            log: dev.log.clone(),
+        })
     }
 }

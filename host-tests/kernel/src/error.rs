@@ -40,6 +40,12 @@ impl From<crate::alloc::AllocError> for Error {
     }
 }
 
+impl From<crate::alloc::RemoveError> for Error {
+    fn from(_: crate::alloc::RemoveError) -> Self {
+        code::EINVAL
+    }
+}
+
 impl From<Infallible> for Error {
     fn from(e: Infallible) -> Self {
         match e {}

@@ -15,14 +15,41 @@ pub mod device;
 pub mod error;
 pub mod sync;
 
+/// `kernel::str`.
+pub mod str {
+    pub use core::ffi::CStr;
+}
+
+/// `kernel::faux`: a faux device, here one with its own log.
+pub mod faux {
+    use crate::{device::Device, error::Result, str::CStr, sync::aref::ARef};
+
+    /// `kernel::faux::Registration`.
+    pub struct Registration(ARef<Device>);
+
+    impl Registration {
+        /// `Registration::new`: a device named `name`.
+        pub fn new(_name: &CStr, _parent: Option<&Device>) -> Result<Self> {
+            Ok(Registration(Device::new()))
+        }
+    }
+
+    impl AsRef<Device> for Registration {
+        fn as_ref(&self) -> &Device {
+            &self.0
+        }
+    }
+}
+
 /// `kernel::prelude`.
 pub mod prelude {
-    pub use crate::alloc::{flags::*, Flags};
+    pub use crate::alloc::{flags::*, Flags, KVVec, KVec, Vec};
     pub use crate::error::{code::*, Error, Result};
     pub use crate::init::InPlaceInit;
-    pub use crate::{dev_dbg, dev_err, dev_info, dev_warn, try_pin_init};
+    pub use crate::{dev_dbg, dev_err, dev_info, dev_warn, pr_err, pr_info, try_pin_init};
     pub use core::pin::Pin;
-    pub use pinned_init::{pin_data, PinInit};
+    pub use macros::kunit_tests;
+    pub use pinned_init::{init, pin_data, pin_init, Init, PinInit};
 }
 
 /// `kernel::init`: in-place initialisation of the kernel's smart pointers.
@@ -108,4 +135,16 @@ macro_rules! dev_info {
 #[macro_export]
 macro_rules! dev_dbg {
     ($($f:tt)*) => { $crate::dev_printk!(Debug, $($f)*) };
+}
+
+/// `kernel::pr_err!`: to standard error.
+#[macro_export]
+macro_rules! pr_err {
+    ($($f:tt)*) => { ::std::eprint!($($f)*) };
+}
+
+/// `kernel::pr_info!`: to standard error.
+#[macro_export]
+macro_rules! pr_info {
+    ($($f:tt)*) => { ::std::eprint!($($f)*) };
 }
