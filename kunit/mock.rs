@@ -26,6 +26,7 @@ use crate::{
     headroom::MemInfo,
     platform::{Platform, Transport},
     protocol::{REQUEST_SIZE, RESPONSE_SIZE},
+    qemu::{self, Blocks, Invalid},
 };
 use kernel::{
     alloc::{KVVec, KVec},
@@ -40,15 +41,7 @@ pub(crate) const CHUNK: u64 = 2 << 20;
 pub(crate) const PAGE: u64 = 4096;
 /// The mock's memory block size.
 pub(crate) const MEMORY_BLOCK: u64 = 128 << 20;
-/// `VIRTIO_MEM_REQ_*`.
-pub(crate) const PLUG: u16 = 0;
-pub(crate) const UNPLUG: u16 = 1;
-pub(crate) const UNPLUG_ALL: u16 = 2;
-/// `VIRTIO_MEM_RESP_*`.
-pub(crate) const ACK: u16 = 0;
-pub(crate) const NACK: u16 = 1;
-pub(crate) const BUSY: u16 = 2;
-pub(crate) const ERROR: u16 = 3;
+pub(crate) use crate::qemu::{ACK, BUSY, ERROR, NACK, PLUG, UNPLUG, UNPLUG_ALL};
 
 /// The kernel limits the mock pretends: x86-64's with 2 MiB pageblocks.
 pub(crate) fn mock_limits() -> Limits {
@@ -163,65 +156,30 @@ pub(crate) struct State {
 }
 
 impl State {
-    fn block_index(&self, addr: u64) -> Option<usize> {
-        let off = addr.checked_sub(self.cfg.addr)?;
-        usize::try_from(off >> self.cfg.block_size.trailing_zeros()).ok()
-    }
-
-    /// Whether `[addr, addr + size)` is a valid request range: inside the usable region,
-    /// aligned, not empty.
-    fn valid_range(&self, addr: u64, size: u64) -> bool {
-        let bs = self.cfg.block_size;
-        size != 0
-            && addr % bs == 0
-            && addr >= self.cfg.addr
-            && addr
-                .checked_add(size)
-                .is_some_and(|end| end <= self.cfg.addr + self.cfg.usable_region_size)
-    }
-
-    /// QEMU's answer to a request, applied to the device's state.
+    /// QEMU's answer to a request, applied to the device's state (`kunit/qemu.rs`).
     fn model(&mut self, ty: u16, addr: u64, nb: u16) -> u16 {
-        let size = u64::from(nb) * self.cfg.block_size;
-        let (first, valid) = match ty {
-            PLUG | UNPLUG => match self.block_index(addr) {
-                Some(first) if self.valid_range(addr, size) => (first, true),
-                _ => (0, false),
-            },
-            UNPLUG_ALL => (0, true),
-            _ => (0, false),
+        let State { cfg, plugged, .. } = self;
+        let res = match ty {
+            PLUG | UNPLUG => {
+                qemu::state_change(cfg, &mut DeviceBlocks(plugged), addr, nb, ty == PLUG)
+            }
+            UNPLUG_ALL => {
+                qemu::unplug_all(cfg, &mut DeviceBlocks(plugged), None);
+                Ok(ACK)
+            }
+            _ => Err(Invalid::Empty),
         };
-        if !valid {
+        res.unwrap_or_else(|why| {
+            pr_info!(
+                "mock: request {} {:#x} ({} blocks) is invalid: {}\n",
+                ty,
+                addr,
+                nb,
+                why.name()
+            );
             self.invalid_requests += 1;
-            return ERROR;
-        }
-        let range = first..first + usize::from(nb);
-        match ty {
-            PLUG => {
-                if self.cfg.plugged_size + size > self.cfg.requested_size {
-                    return NACK;
-                }
-                if self.plugged[range.clone()].iter().any(|&p| p) {
-                    self.invalid_requests += 1;
-                    return ERROR;
-                }
-                self.plugged[range].iter_mut().for_each(|p| *p = true);
-                self.cfg.plugged_size += size;
-            }
-            UNPLUG => {
-                if !self.plugged[range.clone()].iter().all(|&p| p) {
-                    self.invalid_requests += 1;
-                    return ERROR;
-                }
-                self.plugged[range].iter_mut().for_each(|p| *p = false);
-                self.cfg.plugged_size -= size;
-            }
-            _ => {
-                self.plugged.iter_mut().for_each(|p| *p = false);
-                self.cfg.plugged_size = 0;
-            }
-        }
-        ACK
+            ERROR
+        })
     }
 
     /// Whether the device has all of chunk `c` plugged.
@@ -304,6 +262,28 @@ impl State {
     /// Requests of type `ty` received.
     pub(crate) fn nr_requests(&self, ty: u16) -> usize {
         self.requests.iter().filter(|r| r.ty == ty).count()
+    }
+}
+
+/// The device's blocks, one flag each, as QEMU's bitmap.
+struct DeviceBlocks<'a>(&'a mut KVVec<bool>);
+
+impl Blocks for DeviceBlocks<'_> {
+    fn plugged_in(&self, first: u64, end: u64) -> u64 {
+        let (a, b) = (first as usize, end as usize);
+        self.0
+            .get(a..b)
+            .map_or(0, |r| r.iter().filter(|&&p| p).count() as u64)
+    }
+
+    fn set(&mut self, first: u64, end: u64, plugged: bool) {
+        if let Some(r) = self.0.get_mut(first as usize..end as usize) {
+            r.iter_mut().for_each(|p| *p = plugged);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.0.iter_mut().for_each(|p| *p = false);
     }
 }
 

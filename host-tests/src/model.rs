@@ -63,6 +63,7 @@ use crate::device::{MemEvent, NotifyAnswer, View, VirtioMem};
 use crate::headroom::MemInfo;
 use crate::platform::{Platform, Transport};
 use crate::protocol::{RequestType, REQUEST_SIZE, RESPONSE_SIZE};
+use crate::qemu::{self, Blocks, Invalid};
 use crate::sbm::{MbState, Plugged};
 use kernel::{
     device::{Device, Level},
@@ -136,71 +137,57 @@ impl Ranges {
     }
 }
 
-/// QEMU's virtio-mem device (hw/virtio/virtio-mem.c), reduced to its state and rules.
+/// Plugged device blocks as QEMU's bitmap would have them, as intervals.
+impl Blocks for Ranges {
+    fn plugged_in(&self, first: u64, end: u64) -> u64 {
+        self.count(first, end)
+    }
+
+    fn set(&mut self, first: u64, end: u64, plugged: bool) {
+        Ranges::set(self, first, end, plugged)
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+/// QEMU's virtio-mem device: its config space, its usable extent and its plugged blocks,
+/// changed by the rules of `kunit/qemu.rs`.
 #[derive(Clone, Debug)]
 struct Qemu {
-    addr: u64,
-    region_size: u64,
-    block_size: u64,
-    usable: u64,
-    requested: u64,
+    cfg: RawConfig,
     /// QEMU's `VIRTIO_MEM_USABLE_EXTENT`, here a parameter of the case.
     extent: u64,
     plugged: Ranges,
 }
 
-const RESP_ACK: u16 = 0;
-const RESP_NACK: u16 = 1;
-const RESP_BUSY: u16 = 2;
-const RESP_ERROR: u16 = 3;
+const RESP_ACK: u16 = qemu::ACK;
+const RESP_NACK: u16 = qemu::NACK;
+const RESP_BUSY: u16 = qemu::BUSY;
+const RESP_ERROR: u16 = qemu::ERROR;
 
 impl Qemu {
-    /// `virtio_mem_resize_usable_region`.
-    fn resize_usable_region(&mut self, can_shrink: bool) {
-        let bs = self.block_size;
-        let mut new = self.region_size.min(self.requested + self.extent);
-        new = new.div_ceil(bs) * bs;
-        if self.requested == 0 {
-            new = 0;
-        }
-        if new < self.usable && !can_shrink {
-            return;
-        }
-        self.usable = new;
-    }
-
     /// The `requested-size` property setter.
     fn set_requested(&mut self, size: u64) {
-        assert!(size <= self.region_size && size.is_multiple_of(self.block_size));
-        self.requested = size;
-        self.resize_usable_region(false);
+        assert!(size <= self.cfg.region_size && size.is_multiple_of(self.cfg.block_size));
+        // The usable region grows with it.
+        self.cfg.requested_size = size;
+        qemu::resize_usable_region(&mut self.cfg, self.extent, false);
     }
 
     fn size(&self) -> u64 {
-        self.plugged.total() * self.block_size
+        self.cfg.plugged_size
     }
 
     fn config(&self) -> RawConfig {
-        RawConfig {
-            block_size: self.block_size,
-            addr: self.addr,
-            region_size: self.region_size,
-            usable_region_size: self.usable,
-            plugged_size: self.size(),
-            requested_size: self.requested,
-            node_id: 0,
-        }
-    }
-
-    fn blocks(&self, gpa: u64, size: u64) -> (u64, u64) {
-        let a = (gpa - self.addr) / self.block_size;
-        (a, a + size / self.block_size)
+        self.cfg
     }
 
     /// Device blocks `[a, b)` covering `[addr, addr + size)`.
     fn covering(&self, addr: u64, size: u64) -> (u64, u64) {
-        let a = (addr - self.addr) / self.block_size;
-        let b = (addr + size - self.addr).div_ceil(self.block_size);
+        let a = (addr - self.cfg.addr) / self.cfg.block_size;
+        let b = (addr + size - self.cfg.addr).div_ceil(self.cfg.block_size);
         (a, b)
     }
 
@@ -210,57 +197,20 @@ impl Qemu {
         self.plugged.count(a, b) == b - a
     }
 
-    /// Why QEMU would answer ERROR to this (un)plug, whatever the requested size
-    /// (`virtio_mem_valid_range` and the opposite-state test).
+    /// Why QEMU would answer ERROR to this (un)plug, whatever the requested size.
     fn invalid(&self, gpa: u64, nb_blocks: u16, plug: bool) -> Option<&'static str> {
-        let size = u64::from(nb_blocks) * self.block_size;
-        if !gpa.is_multiple_of(self.block_size) {
-            return Some("misaligned");
-        }
-        if size == 0 {
-            return Some("of no blocks");
-        }
-        if gpa < self.addr || gpa + size > self.addr + self.usable {
-            return Some("outside the usable region");
-        }
-        let (a, b) = self.blocks(gpa, size);
-        let n = self.plugged.count(a, b);
-        if plug && n != 0 {
-            return Some("plugging plugged blocks");
-        }
-        if !plug && n != b - a {
-            return Some("unplugging unplugged blocks");
-        }
-        None
+        qemu::invalid(&self.cfg, &self.plugged, gpa, nb_blocks, plug).map(Invalid::name)
     }
 
-    /// `virtio_mem_state_change_request`, in QEMU's order of checks.
+    /// `virtio_mem_state_change_request`.
     fn state_change(&mut self, gpa: u64, nb_blocks: u16, plug: bool) -> u16 {
-        let size = u64::from(nb_blocks) * self.block_size;
-        if !gpa.is_multiple_of(self.block_size)
-            || size == 0
-            || gpa < self.addr
-            || gpa >= self.addr + self.usable
-            || gpa + size > self.addr + self.usable
-        {
-            return RESP_ERROR;
-        }
-        if plug && self.size() + size > self.requested {
-            return RESP_NACK;
-        }
-        let (a, b) = self.blocks(gpa, size);
-        let n = self.plugged.count(a, b);
-        if (plug && n != 0) || (!plug && n != b - a) {
-            return RESP_ERROR;
-        }
-        self.plugged.set(a, b, plug);
-        RESP_ACK
+        qemu::state_change(&mut self.cfg, &mut self.plugged, gpa, nb_blocks, plug)
+            .unwrap_or(RESP_ERROR)
     }
 
     /// `virtio_mem_unplug_all`.
     fn unplug_all(&mut self) {
-        self.plugged = Ranges::default();
-        self.resize_usable_region(true);
+        qemu::unplug_all(&mut self.cfg, &mut self.plugged, Some(self.extent));
     }
 }
 
@@ -609,7 +559,7 @@ impl World {
             self,
             "operator: requested-size {:#x} (usable {:#x})",
             size,
-            self.dev.usable
+            self.dev.cfg.usable_region_size
         );
         self.config_interrupt();
     }
@@ -690,7 +640,7 @@ impl World {
                 why
             );
         }
-        let bs = self.dev.block_size;
+        let bs = self.dev.cfg.block_size;
         let size = u64::from(nb) * bs;
         match ty {
             RequestType::UnplugAll => {
@@ -714,8 +664,8 @@ impl World {
                         addr,
                         nb,
                         why,
-                        self.dev.addr,
-                        self.dev.addr + self.dev.usable
+                        self.dev.cfg.addr,
+                        self.dev.cfg.addr + self.dev.cfg.usable_region_size
                     );
                 }
                 if !self.lost && plug && self.told_plugged + size > self.read_requested {
@@ -877,11 +827,11 @@ impl World {
             self.stats.nack_qemu += 1;
             self.last_nack_scripted = false;
             // Only a requested size lowered since the driver read it explains a NACK.
-            if self.dev.requested >= self.read_requested {
+            if self.dev.cfg.requested_size >= self.read_requested {
                 fail!(
                     self,
                     "QEMU NACKs a plug with requested {:#x} unchanged (driver read {:#x})",
-                    self.dev.requested,
+                    self.dev.cfg.requested_size,
                     self.read_requested
                 );
             }
@@ -1727,13 +1677,13 @@ impl Sim {
             Op::Shrink(n) => {
                 let mut w = self.w();
                 if w.may_shrink {
-                    let bs = w.dev.block_size;
-                    let usable = w.dev.usable * u64::from(*n) / 256 / bs * bs;
-                    if usable < w.dev.usable {
+                    let bs = w.dev.cfg.block_size;
+                    let usable = w.dev.cfg.usable_region_size * u64::from(*n) / 256 / bs * bs;
+                    if usable < w.dev.cfg.usable_region_size {
                         w.stats.hostile_shrink += 1;
                         w.hostile = true;
-                        w.dev.usable = usable;
-                        w.dev.requested = w.dev.requested.min(usable);
+                        w.dev.cfg.usable_region_size = usable;
+                        w.dev.cfg.requested_size = w.dev.cfg.requested_size.min(usable);
                         trace!(w, "device: usable region shrunk to {usable:#x}");
                         w.config_interrupt();
                     }
@@ -1764,7 +1714,7 @@ impl Sim {
             // The guest's memory is back: a stalled unplug goes on at the next poll.
             w.resize(sel);
         }
-        let target = self.w().dev.requested;
+        let target = self.w().dev.cfg.requested_size;
         let mut stable = false;
         for _ in 0..1000 {
             if self.w().kick || self.w().timer {
@@ -1818,7 +1768,7 @@ impl Sim {
                 // full, and there is no room for another one, or the offline threshold
                 // holds.
                 let nr = w.blocks.len();
-                let usable_mbs = w.geo.usable_mbs(w.dev.usable);
+                let usable_mbs = w.geo.usable_mbs(w.dev.cfg.usable_region_size);
                 let partial = (0..nr).find(|&mb| {
                     w.blocks[mb].added && d.sbm.plugged(mb, 0, w.sbs) != Plugged::All
                 });
@@ -2042,18 +1992,22 @@ fn probe(case: &Case, faults: Faults) -> Sim {
             choices.push(q + bs);
         }
     }
+    let extent = (u64::from(case.extent_q % 9) * (mb / 4)) / bs * bs;
     let mut dev = Qemu {
-        addr,
-        region_size,
-        block_size: bs,
-        usable: 0,
-        requested: 0,
-        extent: (u64::from(case.extent_q % 9) * (mb / 4)) / bs * bs,
+        cfg: RawConfig {
+            block_size: bs,
+            addr,
+            region_size,
+            usable_region_size: 0,
+            plugged_size: 0,
+            requested_size: choices[usize::from(case.init_requested) % choices.len()],
+            node_id: 0,
+        },
+        extent,
         plugged: Ranges::default(),
     };
-    dev.requested = choices[usize::from(case.init_requested) % choices.len()];
-    dev.resize_usable_region(true);
-    let nblocks = dev.usable / bs;
+    qemu::resize_usable_region(&mut dev.cfg, extent, true);
+    let nblocks = dev.cfg.usable_region_size / bs;
     if nblocks > 0 {
         for &(a, l) in &case.init_plugged {
             let first = u64::from(a) * nblocks / 256;
@@ -2061,6 +2015,7 @@ fn probe(case: &Case, faults: Faults) -> Sim {
             dev.plugged.set(first, (first + len).min(nblocks), true);
         }
     }
+    dev.cfg.plugged_size = dev.plugged.total() * bs;
 
     // The harness's own view of the geometry, for addresses (config.rs is tested on its own).
     let raw = dev.config();
