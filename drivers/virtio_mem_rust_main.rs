@@ -33,6 +33,9 @@ mod sbm;
 #[path = "../kunit/mock.rs"]
 mod mock;
 #[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
+#[path = "../kunit/pages.rs"]
+mod pages;
+#[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
 #[path = "../kunit/qemu.rs"]
 mod qemu;
 #[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]

@@ -12,10 +12,11 @@
 //! [`State::invalid_requests`]: a correct driver never causes one.
 //!
 //! The memory model follows each pageblock-sized chunk of the region through core mm
-//! (absent, added but offline, in the buddy, fake-offline) and counts in
-//! [`State::violations`] every operation that would be a bug in the real kernel: memory
-//! the device has not plugged handed to the buddy, memory of unknown state handed back,
-//! fake-offlining pages not in the buddy, removing memory that is still plugged.
+//! (absent, added but offline, in the buddy, fake-offline with or without the driver's
+//! reference) by the rules of `kunit/pages.rs`, and counts in [`State::violations`] every
+//! operation that would be a bug in the real kernel: memory the device has not plugged
+//! handed to the buddy, fake-offlining pages not in the buddy, references dropped or taken
+//! back twice, removing memory that is still plugged.
 //!
 //! What the guest has ([`Platform::mem_info`]) is [`State::available`]: taking online
 //! memory (fake-offline) lowers it, handing memory to the buddy raises it; `MemTotal` is
@@ -24,6 +25,7 @@
 use crate::{
     config::{Limits, RawConfig},
     headroom::MemInfo,
+    pages::{self, Move},
     platform::{Platform, Transport},
     protocol::{REQUEST_SIZE, RESPONSE_SIZE},
     qemu::{self, Blocks, Invalid},
@@ -91,18 +93,8 @@ pub(crate) struct Request {
     pub(crate) answer: Option<u16>,
 }
 
-/// Where a chunk of the region is in core mm.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Chunk {
-    /// Not added to Linux.
-    Absent,
-    /// Added, its block not online.
-    Offline,
-    /// Online, in the buddy.
-    Buddy,
-    /// Online, but held by the driver (PageOffline).
-    FakeOffline,
-}
+/// Where a chunk of the region is in core mm (`kunit/pages.rs`).
+pub(crate) use crate::pages::Page as Chunk;
 
 /// The mock's state: the device, its script, the memory model and what happened.
 pub(crate) struct State {
@@ -205,9 +197,8 @@ impl State {
         (last <= self.chunks.len()).then_some(first..last)
     }
 
-    /// Moves chunks from `from` (any state if `None`) to `to`; a violation if some chunk
-    /// was elsewhere or, when `to` is the buddy, is not plugged in the device.
-    fn move_chunks(&mut self, pfn: u64, nr: u64, from: &[Chunk], to: Chunk) {
+    /// Moves chunks by `m`; a violation if core mm's rules (`kunit/pages.rs`) refuse it.
+    fn move_chunks(&mut self, pfn: u64, nr: u64, m: Move) {
         let Some(range) = self.chunks_of(pfn, nr) else {
             pr_err!(
                 "mock: pages {:#x} + {:#x} are not whole chunks of the region\n",
@@ -218,27 +209,20 @@ impl State {
             return;
         };
         for c in range {
-            if !from.is_empty() && !from.contains(&self.chunks[c]) {
-                pr_err!(
-                    "mock: chunk {} is {:?}, expected one of {:?}\n",
-                    c,
-                    self.chunks[c],
-                    from
-                );
-                self.violations += 1;
+            match pages::next(self.chunks[c], m, self.chunk_plugged(c)) {
+                Ok(to) => self.chunks[c] = to,
+                Err(why) => {
+                    pr_err!(
+                        "mock: {:?} of chunk {} ({:?}): {}\n",
+                        m,
+                        c,
+                        self.chunks[c],
+                        why
+                    );
+                    self.violations += 1;
+                }
             }
-            if to == Chunk::Buddy && !self.chunk_plugged(c) {
-                pr_err!("mock: unplugged chunk {} handed to the buddy\n", c);
-                self.violations += 1;
-            }
-            self.chunks[c] = to;
         }
-    }
-
-    /// The driver's references on fake-offline pages change (GOING_OFFLINE,
-    /// CANCEL_OFFLINE): a violation unless the pages are fake-offline.
-    fn expect_fake_offline(&mut self, pfn: u64, nr: u64) {
-        self.move_chunks(pfn, nr, &[Chunk::FakeOffline], Chunk::FakeOffline);
     }
 
     /// How many chunks are in state `s`.
@@ -246,11 +230,21 @@ impl State {
         self.chunks.iter().filter(|&&c| c == s).count()
     }
 
+    /// How many chunks the driver holds fake-offline.
+    pub(crate) fn fake_offline(&self) -> usize {
+        self.chunks
+            .iter()
+            .filter(|c| matches!(c, Chunk::FakeOffline { .. }))
+            .count()
+    }
+
     /// Chunks the driver holds fake-offline although the device has them plugged: memory
     /// kept from the kernel (right only while the device's state is unknown).
     pub(crate) fn held_plugged(&self) -> usize {
         (0..self.chunks.len())
-            .filter(|&c| self.chunks[c] == Chunk::FakeOffline && self.chunk_plugged(c))
+            .filter(|&c| {
+                matches!(self.chunks[c], Chunk::FakeOffline { .. }) && self.chunk_plugged(c)
+            })
             .count()
     }
 
@@ -443,7 +437,7 @@ impl Platform for MockPlatform {
             return Err(ENOMEM);
         }
         let pfn = addr / PAGE;
-        s.move_chunks(pfn, size / PAGE, &[Chunk::Absent], Chunk::Offline);
+        s.move_chunks(pfn, size / PAGE, Move::Add);
         s.added.push(addr, GFP_KERNEL)?;
         Ok(())
     }
@@ -459,15 +453,26 @@ impl Platform for MockPlatform {
             return Err(EINVAL);
         };
         for c in range {
-            if s.chunks[c] == Chunk::Absent || s.chunk_plugged(c) {
-                pr_err!(
-                    "mock: removing chunk {} ({:?}, plugged or absent)\n",
-                    c,
-                    s.chunks[c]
-                );
-                s.violations += 1;
+            // An online block goes offline first: the memory notifier has the driver drop
+            // its references (not modelled here), then the pages leave the buddy.
+            let plugged = s.chunk_plugged(c);
+            let moves: &[Move] = match s.chunks[c] {
+                Chunk::FakeOffline { ref_held: true } => {
+                    &[Move::GoingOffline, Move::Offline, Move::Remove]
+                }
+                Chunk::FakeOffline { .. } | Chunk::Buddy => &[Move::Offline, Move::Remove],
+                _ => &[Move::Remove],
+            };
+            let res = moves
+                .iter()
+                .try_fold(s.chunks[c], |chunk, &m| pages::next(chunk, m, plugged));
+            match res {
+                Ok(to) => s.chunks[c] = to,
+                Err(why) => {
+                    pr_err!("mock: removing chunk {} ({:?}): {}\n", c, s.chunks[c], why);
+                    s.violations += 1;
+                }
             }
-            s.chunks[c] = Chunk::Absent;
         }
         s.removed.push(addr, GFP_KERNEL)?;
         Ok(())
@@ -496,18 +501,18 @@ impl Platform for MockPlatform {
 
     fn online_pages(&self, pfn: u64, order: u32) {
         let mut s = self.0.state.lock();
-        s.move_chunks(pfn, 1 << order, &[Chunk::Offline], Chunk::Buddy);
+        s.move_chunks(pfn, 1 << order, Move::Online);
         s.available += PAGE << order;
     }
 
     fn keep_fake_offline(&self, pfn: u64, nr: u64) {
         let mut s = self.0.state.lock();
-        s.move_chunks(pfn, nr, &[Chunk::Offline], Chunk::FakeOffline);
+        s.move_chunks(pfn, nr, Move::KeepFakeOffline);
     }
 
     fn fake_online(&self, pfn: u64, nr: u64) {
         let mut s = self.0.state.lock();
-        s.move_chunks(pfn, nr, &[Chunk::FakeOffline], Chunk::Buddy);
+        s.move_chunks(pfn, nr, Move::FakeOnline);
         s.available += nr * PAGE;
     }
 
@@ -521,7 +526,7 @@ impl Platform for MockPlatform {
             }
             return Err(EBUSY);
         }
-        s.move_chunks(pfn, nr, &[Chunk::Buddy], Chunk::FakeOffline);
+        s.move_chunks(pfn, nr, Move::FakeOffline);
         s.available = s.available.saturating_sub(nr * PAGE);
         Ok(())
     }
@@ -531,10 +536,13 @@ impl Platform for MockPlatform {
     }
 
     fn going_offline(&self, pfn: u64, nr: u64) {
-        self.0.state.lock().expect_fake_offline(pfn, nr);
+        self.0.state.lock().move_chunks(pfn, nr, Move::GoingOffline);
     }
 
     fn cancel_offline(&self, pfn: u64, nr: u64) {
-        self.0.state.lock().expect_fake_offline(pfn, nr);
+        self.0
+            .state
+            .lock()
+            .move_chunks(pfn, nr, Move::CancelOffline);
     }
 }

@@ -127,7 +127,7 @@ impl Fixture {
             invalid: s.invalid_requests,
             violations: s.violations,
             buddy: s.count(Chunk::Buddy),
-            fake_offline: s.count(Chunk::FakeOffline),
+            fake_offline: s.fake_offline(),
             held: s.held_plugged(),
             added: s.added.len(),
             removed: s.removed.len(),

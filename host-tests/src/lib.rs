@@ -20,14 +20,17 @@ pub(crate) mod retry;
 #[path = "../../drivers/sbm.rs"]
 pub(crate) mod sbm;
 
-// The KUnit suites and their mock device, run as host tests too, and QEMU's rules, which
-// the mock and the property tests' model share.
+// The KUnit suites and their mock device, run as host tests too, and QEMU's and core mm's
+// rules, which the mock and the property tests' model share.
 #[cfg(test)]
 #[path = "../../kunit/tests.rs"]
 mod kunit;
 #[cfg(test)]
 #[path = "../../kunit/mock.rs"]
 mod mock;
+#[cfg(test)]
+#[path = "../../kunit/pages.rs"]
+mod pages;
 #[cfg(test)]
 #[path = "../../kunit/qemu.rs"]
 mod qemu;

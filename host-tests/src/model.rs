@@ -61,6 +61,7 @@
 use crate::config::{Geometry, Limits, RawConfig};
 use crate::device::{MemEvent, NotifyAnswer, View, VirtioMem};
 use crate::headroom::MemInfo;
+use crate::pages::{self, Move, Page};
 use crate::platform::{Platform, Transport};
 use crate::protocol::{RequestType, REQUEST_SIZE, RESPONSE_SIZE};
 use crate::qemu::{self, Blocks, Invalid};
@@ -215,17 +216,6 @@ impl Qemu {
 }
 
 // ---- the kernel ---------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Page {
-    /// Not online (block not added, or offline).
-    Absent,
-    /// Given to the buddy: the kernel may use it.
-    Buddy,
-    /// PageOffline, owned by the driver; `ref_held` unless the driver dropped its
-    /// reference for an offlining in progress.
-    FakeOffline { ref_held: bool },
-}
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Block {
@@ -900,53 +890,55 @@ impl World {
         }
     }
 
+    /// Moves page `i` by core mm's rules (`kunit/pages.rs`); a failure if they refuse it.
+    fn move_page(&mut self, i: usize, m: Move, how: &str) {
+        let plugged = self
+            .dev
+            .all_plugged(self.page_addr(i), 1 << self.page_shift);
+        match pages::next(self.pages[i], m, plugged) {
+            Ok(p) => self.pages[i] = p,
+            Err(why) => fail!(
+                self,
+                "{how}: page {:#x} ({:?}, plugged {plugged}): {why}",
+                self.page_addr(i),
+                self.pages[i]
+            ),
+        }
+    }
+
     /// `Platform::online_pages`: plugged pages of a block being onlined go to the buddy.
     fn pages_online(&mut self, pfn: u64, order: u32) {
         if order < self.onlining_order {
             self.stats.mixed_chunk += 1;
         }
         for i in self.page_index(pfn, 1 << order) {
-            if self.onlining != Some(i / self.ppm) || self.pages[i] != Page::Absent {
-                fail!(
-                    self,
-                    "pages::online({pfn:#x}, {order}) outside an onlining or twice"
-                );
+            if self.onlining != Some(i / self.ppm) {
+                fail!(self, "pages::online({pfn:#x}, {order}) outside an onlining");
             }
             self.to_buddy_check(i, "online page callback", false);
-            self.pages[i] = Page::Buddy;
+            self.move_page(i, Move::Online, "online page callback");
         }
     }
 
     /// `Platform::keep_fake_offline`.
     fn pages_keep_fake_offline(&mut self, pfn: u64, nr: u64) {
         for i in self.page_index(pfn, nr) {
-            if self.onlining != Some(i / self.ppm) || self.pages[i] != Page::Absent {
+            if self.onlining != Some(i / self.ppm) {
                 fail!(
                     self,
-                    "pages::keep_fake_offline({pfn:#x}, {nr}) outside an onlining or twice"
+                    "pages::keep_fake_offline({pfn:#x}, {nr}) outside an onlining"
                 );
             }
-            self.pages[i] = Page::FakeOffline { ref_held: true };
+            self.move_page(i, Move::KeepFakeOffline, "keep_fake_offline");
         }
     }
 
     /// `Platform::fake_online`: fake-offline pages, now plugged, go to the buddy.
     fn pages_fake_online(&mut self, pfn: u64, nr: u64) {
         for i in self.page_index(pfn, nr) {
-            if self.blocks[i / self.ppm].online.is_none()
-                || self.pages[i] != (Page::FakeOffline { ref_held: true })
-            {
-                fail!(
-                    self,
-                    "pages::fake_online({pfn:#x}, {nr}): page {:#x} is {:?} in a block online {:?}",
-                    self.page_addr(i),
-                    self.pages[i],
-                    self.blocks[i / self.ppm].online
-                );
-            }
             // The driver hands it back itself: never after ERROR or no answer about it.
             self.to_buddy_check(i, "pages::fake_online", true);
-            self.pages[i] = Page::Buddy;
+            self.move_page(i, Move::FakeOnline, "fake_online");
         }
     }
 
@@ -970,15 +962,13 @@ impl World {
             let sel = self.byte();
             self.resize(sel);
         }
-        for i in r.clone() {
-            if self.blocks[i / self.ppm].online.is_none() || self.pages[i] != Page::Buddy {
-                fail!(
-                    self,
-                    "alloc_contig_range({pfn:#x}, {nr}): page {:#x} is {:?}, not in the buddy of an online block",
-                    self.page_addr(i),
-                    self.pages[i]
-                );
-            }
+        if let Some(i) = r.clone().find(|&i| self.pages[i] != Page::Buddy) {
+            fail!(
+                self,
+                "alloc_contig_range({pfn:#x}, {nr}): page {:#x} is {:?}, not in the buddy",
+                self.page_addr(i),
+                self.pages[i]
+            );
         }
         let res = if r.clone().any(|i| self.pinned[i]) {
             Err(EBUSY)
@@ -991,7 +981,7 @@ impl World {
         };
         if res.is_ok() {
             for i in r {
-                self.pages[i] = Page::FakeOffline { ref_held: true };
+                self.move_page(i, Move::FakeOffline, "alloc_contig_range");
             }
         } else {
             self.stats.fake_offline_fail += 1;
@@ -1008,30 +998,14 @@ impl World {
     /// `Platform::going_offline`: the driver drops its references.
     fn pages_going_offline(&mut self, pfn: u64, nr: u64) {
         for i in self.page_index(pfn, nr) {
-            if self.pages[i] != (Page::FakeOffline { ref_held: true }) {
-                fail!(
-                    self,
-                    "pages::going_offline: page {:#x} is {:?} (WARN: fake-offline page referenced)",
-                    self.page_addr(i),
-                    self.pages[i]
-                );
-            }
-            self.pages[i] = Page::FakeOffline { ref_held: false };
+            self.move_page(i, Move::GoingOffline, "going_offline");
         }
     }
 
     /// `Platform::cancel_offline`: the driver takes its references back.
     fn pages_cancel_offline(&mut self, pfn: u64, nr: u64) {
         for i in self.page_index(pfn, nr) {
-            if self.pages[i] != (Page::FakeOffline { ref_held: false }) {
-                fail!(
-                    self,
-                    "pages::cancel_offline: page {:#x} is {:?}: a reference taken that was never dropped",
-                    self.page_addr(i),
-                    self.pages[i]
-                );
-            }
-            self.pages[i] = Page::FakeOffline { ref_held: true };
+            self.move_page(i, Move::CancelOffline, "cancel_offline");
         }
     }
 
@@ -1202,8 +1176,9 @@ impl World {
                     );
                 }
                 let ok = match (k.online, p) {
-                    (None, Page::Absent) => true,
-                    (None, _) | (Some(_), Page::Absent) => false,
+                    (None, Page::Absent) => !k.added,
+                    (None, Page::Offline) => k.added,
+                    (None, _) | (Some(_), Page::Absent | Page::Offline) => false,
                     (Some(_), Page::Buddy) => {
                         marked
                             && self
@@ -1379,7 +1354,7 @@ impl Sim {
         {
             let w = self.w();
             let first = mb * w.ppm;
-            if let Some(i) = (first..first + w.ppm).find(|&i| w.pages[i] == Page::Absent) {
+            if let Some(i) = (first..first + w.ppm).find(|&i| w.pages[i] == Page::Offline) {
                 fail!(
                     w,
                     "block {mb} onlined, but page {:#x} was neither onlined nor kept fake-offline",
@@ -1426,7 +1401,7 @@ impl Sim {
             let stuck = (first..first + w.ppm).find(|&i| match w.pages[i] {
                 Page::Buddy => w.pinned[i],
                 Page::FakeOffline { ref_held } => ref_held,
-                Page::Absent => true,
+                Page::Absent | Page::Offline => true,
             });
             if let Some(i) = stuck {
                 let (a, p) = (w.page_addr(i), w.pages[i]);
@@ -1443,7 +1418,7 @@ impl Sim {
         let mut w = self.w();
         let first = mb * w.ppm;
         for i in first..first + w.ppm {
-            w.pages[i] = Page::Absent;
+            w.move_page(i, Move::Offline, "offline_pages");
         }
         w.blocks[mb].online = None;
         w.pending = None;
@@ -1485,6 +1460,10 @@ impl Sim {
                 added: true,
                 online: None,
             };
+            let first = mb * w.ppm;
+            for i in first..first + w.ppm {
+                w.move_page(i, Move::Add, "add_memory");
+            }
             (mb, w.policy)
         };
         match policy {
@@ -1541,6 +1520,10 @@ impl Sim {
         let mut w = self.w();
         if res.is_ok() {
             w.blocks[mb] = Block::default();
+            let first = mb * w.ppm;
+            for i in first..first + w.ppm {
+                w.move_page(i, Move::Remove, "offline_and_remove_memory");
+            }
             w.stats.remove_ok += 1;
         } else {
             w.stats.remove_fail += 1;
