@@ -40,6 +40,17 @@ mod model;
 #[cfg(test)]
 mod tests;
 
+/// `n` property cases, or `VMR_HOST_CASES_PERCENT` percent of them (`make mutants-host`
+/// runs fewer per mutant; CI runs all).
+#[cfg(test)]
+pub(crate) fn scaled(n: u32) -> u32 {
+    let pct = std::env::var("VMR_HOST_CASES_PERCENT")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .unwrap_or(100);
+    (n * pct / 100).max(1)
+}
+
 /// What the KUnit mock asks of the glue when a test wants the running kernel's limits: on
 /// the host, x86-64's (4 KiB pages, 128 MiB memory blocks, 2 MiB pageblocks, 46 bits of
 /// physical address space).

@@ -2124,7 +2124,7 @@ fn run_model(name: &str, cases: u32, faults: Faults, len: std::ops::Range<usize>
     let total = RefCell::new(Stats::default());
     let run = AtomicU64::new(0);
     let config = Config {
-        cases,
+        cases: crate::scaled(cases),
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/proptest-regressions/model.txt"
@@ -2244,6 +2244,10 @@ fn report(stats: &Stats, skip: &[&str]) {
         let _ = write!(msg, "{name} {n}, ");
     }
     eprintln!("model coverage: {msg}");
+    // With fewer cases (mutation runs), a path may go untaken by chance: not a failure.
+    if crate::scaled(100) < 100 {
+        return;
+    }
     for (name, n) in stats.fields() {
         assert!(
             n > 0 || skip.contains(&name),
@@ -2286,7 +2290,10 @@ fn unknown_device_state_never_reaches_the_buddy() {
         faults,
         1..60,
     );
-    report(&stats, &[]);
+    // A request after BUSY in the same run (an interleaved run) comes about 10 times in
+    // 2,500 cases, as few as 2 in one run of 11 here: required, it would fail now and
+    // then by chance. The 10,000 cases above require it (45 or more each time).
+    report(&stats, &["requests_after_busy"]);
 }
 
 // ---- the bugs found, one directed case each ---------------------------------------------

@@ -316,7 +316,7 @@ fn bookkeeping_matches_the_model() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(3000))]
+    #![proptest_config(ProptestConfig::with_cases(crate::scaled(3000)))]
 
     /// Whatever the guest has: what may be taken leaves at least the margin available, the
     /// margin is never below its floor nor below 1/32 of the guest, and more available
@@ -451,7 +451,7 @@ fn check(sbm: &Sbm<Vec<u64>>, m: &Model) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(10_000))]
+    #![proptest_config(ProptestConfig::with_cases(crate::scaled(10_000)))]
 
     /// Random sequences of resizes, add failures, busy memory, onlining and offlining: the
     /// bookkeeping and the model never disagree, plugs stay inside the usable region and on
