@@ -299,11 +299,12 @@ impl Sizes {
             geo.region_size,
             "is larger than region_size or not a multiple of block_size",
         )?;
+        // Only the usable region can be plugged: more plugged than that is nonsense.
         check(
             "plugged_size",
             raw.plugged_size,
-            geo.region_size,
-            "is larger than region_size or not a multiple of block_size",
+            raw.usable_region_size,
+            "is larger than usable_region_size or not a multiple of block_size",
         )?;
         check(
             "requested_size",

@@ -438,9 +438,11 @@ mod config_suite {
         let mut f = probe(c"vmr-kunit-rt-usable", qemu_config(), |_| {})?;
         let before = f.grow_online(512 * MIB)?;
         assert_eq!(before.device, 512 * MIB);
-        // The device shrinks its usable region below the plugged memory, without UNPLUG_ALL.
+        // The device shrinks its usable region below the plugged memory and says nothing is
+        // plugged, as after an UNPLUG_ALL, which was never sent.
         f.set(|c| {
             c.usable_region_size = 256 * MIB;
+            c.plugged_size = 0;
             c.requested_size = 0;
         });
         f.vm.run();
@@ -449,6 +451,30 @@ mod config_suite {
         assert_eq!(s.invalid, 0);
         assert!(!s.broken);
         assert_eq!(s.driver, 512 * MIB);
+        Ok(())
+    }
+
+    #[test]
+    fn plugged_larger_than_usable() -> Result {
+        let cfg = RawConfig {
+            usable_region_size: 512 * MIB,
+            plugged_size: 768 * MIB,
+            ..qemu_config()
+        };
+        assert_eq!(refused(c"vmr-kunit-plugged", cfg)?, (true, 0));
+        // At runtime: the config change is ignored, the requested size with it.
+        let mut f = probe(c"vmr-kunit-rt-plugged-usable", qemu_config(), |_| {})?;
+        let before = f.grow_online(256 * MIB)?;
+        f.set(|c| {
+            c.usable_region_size = 512 * MIB;
+            c.plugged_size = 768 * MIB;
+            c.requested_size = 384 * MIB;
+        });
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.requests, before.requests);
+        assert_eq!(s.device, 256 * MIB);
+        assert!(!s.broken);
         Ok(())
     }
 
