@@ -256,6 +256,20 @@ impl Geometry {
         let end_mb = (self.addr + usable) >> self.mb_shift;
         end_mb.saturating_sub(self.first_mb).min(self.nr_mbs) as usize
     }
+
+    /// Subblocks of memory block `usable_mbs(usable)` (if the region has it) fully inside the
+    /// first `usable` bytes of the region. The usable region need not end at a memory
+    /// block's end (QEMU keeps it 256 MiB above the requested size, rounded to the device
+    /// block), nor at a subblock's.
+    pub(crate) fn usable_tail(&self, usable: u64) -> usize {
+        // `addr + usable <= addr + region_size` does not overflow (invariant).
+        let end = self.addr + usable;
+        let end_mb = end >> self.mb_shift;
+        if end_mb < self.first_mb || end_mb - self.first_mb >= self.nr_mbs {
+            return 0;
+        }
+        ((end & (self.memory_block_size - 1)) >> self.sb_shift) as usize
+    }
 }
 
 /// The sizes that change while the device runs, validated.

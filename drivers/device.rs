@@ -177,6 +177,7 @@ impl<P: Platform> VirtioMem<P> {
         })?;
         let mut sbm = Sbm::new(storage, nr_mbs, sbs_per_mb).ok_or(EINVAL)?;
         sbm.set_usable_mbs(geo.usable_mbs(sizes.usable));
+        sbm.set_usable_tail(geo.usable_tail(sizes.usable));
 
         dev_info!(
             dev,
@@ -457,6 +458,18 @@ impl<P: Platform> VirtioMem<P> {
                 return false;
             }
         }
+        // Shrunk without UNPLUG_ALL (sent only at probe, before anything is plugged), but
+        // above the plugged memory: against the spec, yet harmless as long as nothing is
+        // plugged beyond it (see `Sbm::next_plug`).
+        if sizes.usable < g.sizes.usable && g.plugged != 0 {
+            dev_warn!(
+                self.dev,
+                "usable_region_size shrank from {:#x} to {:#x} without UNPLUG_ALL; nothing \
+                 will be plugged beyond it\n",
+                g.sizes.usable,
+                sizes.usable
+            );
+        }
         // Any change may make a refused plug possible (the requested size may even have
         // gone and come back between two reads).
         g.nacked_at = None;
@@ -476,9 +489,13 @@ impl<P: Platform> VirtioMem<P> {
             );
         }
         g.sizes = sizes;
-        let usable_mbs = self.geo.usable_mbs(sizes.usable);
+        let (usable_mbs, tail) = (
+            self.geo.usable_mbs(sizes.usable),
+            self.geo.usable_tail(sizes.usable),
+        );
         let Mode::Sbm(sbm) = &mut g.mode;
         sbm.set_usable_mbs(usable_mbs);
+        sbm.set_usable_tail(tail);
         true
     }
 

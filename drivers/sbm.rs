@@ -8,7 +8,7 @@
 //!
 //! Plain `core` Rust: no kernel calls, so the same code can be tested on the host.
 
-use core::ops::DerefMut;
+use core::{cmp::Ordering, ops::DerefMut};
 
 /// The state of one memory block, as the C driver keeps it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,8 +173,11 @@ pub(crate) struct Sbm<W: DerefMut<Target = [u64]>> {
     nr_mbs: usize,
     sbs_per_mb: usize,
     words_per_mb: usize,
-    /// Memory blocks `0 .. usable_mbs` lie inside the usable region.
+    /// Memory blocks `0 .. usable_mbs` lie inside the usable region, and so do subblocks
+    /// `0 .. usable_tail` of block `usable_mbs` if the region ends inside it. The device
+    /// refuses (ERROR) to plug anything beyond.
     usable_mbs: usize,
+    usable_tail: usize,
 }
 
 impl<W: DerefMut<Target = [u64]>> Sbm<W> {
@@ -199,6 +202,7 @@ impl<W: DerefMut<Target = [u64]>> Sbm<W> {
             sbs_per_mb,
             words_per_mb,
             usable_mbs: 0,
+            usable_tail: 0,
         })
     }
 
@@ -210,9 +214,30 @@ impl<W: DerefMut<Target = [u64]>> Sbm<W> {
         self.sbs_per_mb
     }
 
-    /// The usable region now covers memory blocks `0 .. usable_mbs`.
+    /// The usable region now covers memory blocks `0 .. usable_mbs`, and nothing of the
+    /// next one until [`Self::set_usable_tail`] says otherwise.
     pub(crate) fn set_usable_mbs(&mut self, usable_mbs: usize) {
         self.usable_mbs = usable_mbs.min(self.nr_mbs);
+        self.usable_tail = 0;
+    }
+
+    /// The usable region also covers subblocks `0 .. tail` of block `usable_mbs` (see
+    /// `Geometry::usable_tail`). Called after [`Self::set_usable_mbs`].
+    pub(crate) fn set_usable_tail(&mut self, tail: usize) {
+        self.usable_tail = if self.usable_mbs < self.nr_mbs {
+            tail.min(self.sbs_per_mb)
+        } else {
+            0
+        };
+    }
+
+    /// How many subblocks of block `mb`, from its first, lie inside the usable region.
+    fn usable_in(&self, mb: usize) -> usize {
+        match mb.cmp(&self.usable_mbs) {
+            Ordering::Less => self.sbs_per_mb,
+            Ordering::Equal => self.usable_tail,
+            Ordering::Greater => 0,
+        }
     }
 
     fn base(&self, mb: usize) -> usize {
@@ -297,8 +322,11 @@ impl<W: DerefMut<Target = [u64]>> Sbm<W> {
     }
 
     /// Plans the next plug of at most `nb_sb` subblocks, in the C driver's order: partially
-    /// plugged online blocks, then partially plugged offline ones, then unused blocks of the
-    /// usable region, lowest address first. `None` if there is no room left.
+    /// plugged online blocks, then partially plugged offline ones, then unused blocks,
+    /// lowest address first. Nothing beyond the usable region, which may end inside a block
+    /// and may have shrunk below added ones (a device that shrinks it without UNPLUG_ALL,
+    /// but above the plugged memory, is followed). Unused blocks are taken only if the
+    /// whole block is usable, as the C driver does. `None` if there is no room left.
     pub(crate) fn next_plug(&self, nb_sb: usize) -> Option<PlugStep> {
         if nb_sb == 0 {
             return None;
@@ -313,11 +341,14 @@ impl<W: DerefMut<Target = [u64]>> Sbm<W> {
                 if self.state(mb) != want || self.in_transition(mb) {
                     continue;
                 }
-                if let Some((first, count)) = self.unplugged_runs(mb).next() {
+                // The lowest unplugged run, up to the usable end.
+                let usable = self.usable_in(mb);
+                let run = self.unplugged_runs(mb).next();
+                if let Some((first, count)) = run.filter(|&(first, _)| first < usable) {
                     return Some(PlugStep::Added {
                         mb,
                         first,
-                        count: count.min(nb_sb),
+                        count: count.min(usable - first).min(nb_sb),
                     });
                 }
             }

@@ -455,6 +455,68 @@ mod config_suite {
     }
 
     #[test]
+    fn usable_shrunk_above_plugged_memory_is_respected() -> Result {
+        let mut f = probe(c"vmr-kunit-rt-usable-above", qemu_config(), |_| {})?;
+        f.grow_online(384 * MIB)?;
+        // Back to 128 MiB: block 2 is emptied but its removal fails, block 1 is removed.
+        // Block 2 stays added with nothing plugged, its removal failing from now on.
+        f.with(|s| s.fail_remove = 1);
+        f.resize(128 * MIB);
+        let before = f.snap();
+        assert_eq!(before.device, 128 * MIB);
+        assert_eq!(before.removed, 1);
+        f.with(|s| s.fail_remove = u32::MAX);
+        // The device shrinks its usable region to 256 MiB without UNPLUG_ALL, above the
+        // plugged memory, and asks for all of it: block 2 is beyond it.
+        f.set(|c| {
+            c.usable_region_size = 256 * MIB;
+            c.requested_size = 256 * MIB;
+        });
+        f.vm.run();
+        let s = f.snap();
+        assert!(!s.broken);
+        assert_eq!(s.invalid, 0);
+        assert_eq!(s.device, 256 * MIB);
+        assert_eq!(s.driver, 256 * MIB);
+        // Block 1 was added again; block 2 still waits to be removed.
+        assert_eq!(s.added, before.added + 1);
+        assert_eq!(
+            f.mock.state.lock().added.last(),
+            Some(&(qemu_config().addr + MEMORY_BLOCK))
+        );
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn partially_usable_block_is_plugged_up_to_the_usable_end() -> Result {
+        let mut f = probe(c"vmr-kunit-rt-usable-part", qemu_config(), |_| {})?;
+        f.grow_online(256 * MIB)?;
+        // Back to 0: block 1 is emptied but its removal fails, block 0 is removed. Block 1
+        // stays added with nothing plugged, its removal failing from now on.
+        f.with(|s| s.fail_remove = 1);
+        f.resize(0);
+        assert_eq!(f.snap().removed, 1);
+        f.with(|s| s.fail_remove = u32::MAX);
+        // The usable region shrinks to 192 MiB without UNPLUG_ALL (nothing is plugged): half
+        // of block 1 is usable. All of it is asked for.
+        f.set(|c| {
+            c.usable_region_size = 192 * MIB;
+            c.requested_size = 192 * MIB;
+        });
+        f.vm.run();
+        let s = f.snap();
+        assert!(!s.broken);
+        assert_eq!(s.invalid, 0);
+        assert_eq!(s.device, 192 * MIB);
+        assert_eq!(s.driver, 192 * MIB);
+        // The usable half of block 1 is plugged (and online: in the buddy), then block 0.
+        assert_eq!(s.buddy, 32);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
     fn plugged_larger_than_usable() -> Result {
         let cfg = RawConfig {
             usable_region_size: 512 * MIB,
