@@ -94,6 +94,9 @@ struct Inner<T> {
     /// Memory was plugged at probe: UNPLUG_ALL before anything else.
     unplug_all_required: bool,
     broken: bool,
+    /// The memory block of the request that got no valid answer (which made the device
+    /// broken): what the device did with it is unknown.
+    unknown_mb: Option<usize>,
     removing: bool,
     backoff: Backoff,
     waiting_for_online: bool,
@@ -226,6 +229,7 @@ impl<P: Platform> VirtioMem<P> {
                         plugged: 0,
                         unplug_all_required,
                         broken: false,
+                        unknown_mb: None,
                         removing: false,
                         backoff: Backoff::new(),
                         waiting_for_online: false,
@@ -265,24 +269,55 @@ impl<P: Platform> VirtioMem<P> {
 
     /// The device goes away: refuse onlining and offlining from now on, and remove what
     /// can be removed: offline blocks with unplugged subblocks (without the online page
-    /// callback, onlining them would hand unplugged memory to the kernel) and emptied
-    /// blocks. What stays added stays safe: online memory keeps its fake-offline pages.
+    /// callback, onlining them would hand unplugged memory to the kernel), the offline
+    /// block whose last request got no valid answer (for the same reason: subblocks marked
+    /// plugged may not be), and emptied blocks. What stays added stays safe: online memory
+    /// keeps its fake-offline pages.
     ///
     /// The glue has cancelled the worker already. `removing` is set last: until then the
     /// memory notifier must let this removal offline its own blocks.
     pub(crate) fn remove(&self) {
         let g = self.inner.lock();
+        let Mode::Sbm(sbm) = &g.mode;
+        let unknown = g
+            .unknown_mb
+            .filter(|&mb| matches!(sbm.state(mb), MbState::Offline | MbState::OfflinePartial));
         let (mut g, _) = self.remove_blocks(
             g,
-            |sbm, mb| sbm.state(mb) == MbState::OfflinePartial || sbm.is_empty_added(mb),
+            |sbm, mb| {
+                sbm.state(mb) == MbState::OfflinePartial
+                    || sbm.is_empty_added(mb)
+                    || unknown == Some(mb)
+            },
             |mb| {
-                dev_warn!(
-                    self.dev,
-                    "memory block {:#x} stays added after removal\n",
-                    self.geo.mb_addr(mb)
-                )
+                if unknown == Some(mb) {
+                    dev_err!(
+                        self.dev,
+                        "memory block {:#x}, offline, of unknown state in the device, stays \
+                         added after removal: onlining it may hand unplugged memory to the \
+                         kernel\n",
+                        self.geo.mb_addr(mb)
+                    )
+                } else {
+                    dev_warn!(
+                        self.dev,
+                        "memory block {:#x} stays added after removal\n",
+                        self.geo.mb_addr(mb)
+                    )
+                }
             },
         );
+        if let Some(mb) = unknown {
+            let Mode::Sbm(sbm) = &g.mode;
+            if sbm.state(mb) == MbState::Unused {
+                dev_warn!(
+                    self.dev,
+                    "memory block {:#x}, offline, of unknown state in the device, removed: \
+                     once the driver is gone nothing would keep it from being onlined\n",
+                    self.geo.mb_addr(mb)
+                );
+            }
+        }
         g.removing = true;
         if g.plugged != 0 {
             dev_warn!(self.dev, "removed with {:#x} still plugged\n", g.plugged);
@@ -678,6 +713,9 @@ impl<P: Platform> VirtioMem<P> {
                 Some(Response::Busy) => Stop::Busy,
                 other => {
                     self.mark_broken(g, ty, other);
+                    // The first such request is the one that broke the device: none is
+                    // sent after it.
+                    g.unknown_mb.get_or_insert(mb);
                     Stop::Broken
                 }
             };

@@ -81,6 +81,9 @@ pub(crate) enum Answer {
     Stale,
     /// Never answers: the transport times out.
     Silent,
+    /// Carries the request out as QEMU would, but the answer never arrives: the transport
+    /// times out, and the driver cannot know what the device did.
+    Lost,
 }
 
 /// One request as the device saw it.
@@ -377,8 +380,9 @@ impl Transport for MockTransport {
             }
             Answer::Raw { ty: t, used_len } => (Some(t), used_len),
             Answer::Stale => (None, RESPONSE_SIZE),
-            Answer::Silent => {
-                s.lost = true;
+            Answer::Silent => (None, 0),
+            Answer::Lost => {
+                s.model(ty, addr, nb_blocks);
                 (None, 0)
             }
         };
@@ -391,8 +395,13 @@ impl Transport for MockTransport {
             },
             GFP_KERNEL,
         )?;
-        if answer == Answer::Silent {
-            return Err(ETIMEDOUT);
+        match answer {
+            // The device keeps the buffers: every later request fails.
+            Answer::Silent | Answer::Lost => {
+                s.lost = true;
+                return Err(ETIMEDOUT);
+            }
+            _ => {}
         }
         if let Some(t) = written {
             resp[0..2].copy_from_slice(&t.to_le_bytes());

@@ -16,7 +16,7 @@ use crate::{
     device::{MemEvent, NotifyAnswer, VirtioMem},
     headroom::{MIN_MARGIN, POLL_MS},
     mock::{
-        new_mock, qemu_config, Answer, Chunk, MockPlatform, Shared, State, ACK, BUSY, ERROR,
+        new_mock, qemu_config, Answer, Chunk, MockPlatform, Shared, State, ACK, BUSY, CHUNK, ERROR,
         MEMORY_BLOCK, NACK, PAGE, PLUG, UNPLUG, UNPLUG_ALL,
     },
 };
@@ -789,6 +789,35 @@ mod responses_suite {
         // Unbind: returns, nothing waits on the device.
         f.vm.remove();
         assert_eq!(f.snap().requests, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn offline_block_of_unknown_state_is_removed_at_unbind() -> Result {
+        // Two blocks added and left offline (`memhp_default_state=offline`).
+        let f = probe(c"vmr-kunit-unbind-unknown", qemu_config(), |_| {})?;
+        f.resize(256 * MIB);
+        // The device unplugs block 1, but its answer never comes.
+        f.script(&[Answer::Lost])?;
+        f.resize(128 * MIB);
+        let s = f.snap();
+        assert!(s.broken);
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.removed, 0);
+        // Unbind: without the notifier, user space could online block 1 and hand memory
+        // the device unplugged to the buddy. It is removed; block 0, plugged, stays.
+        f.vm.remove();
+        let s = f.snap();
+        let st = f.mock.state.lock();
+        let block1 = qemu_config().addr + MEMORY_BLOCK;
+        assert_eq!(&st.removed[..], &[block1][..]);
+        let per_block = (MEMORY_BLOCK / CHUNK) as usize;
+        assert!(st.chunks[per_block..2 * per_block]
+            .iter()
+            .all(|&c| c == Chunk::Absent));
+        assert!(st.chunks[..per_block].iter().all(|&c| c == Chunk::Offline));
+        drop(st);
+        assert_eq!(s.violations, 0);
         Ok(())
     }
 
