@@ -361,6 +361,10 @@ impl<P: Platform> VirtioMem<P> {
             if g.broken || g.removing {
                 return;
             }
+            // Checked before anything else: there may be no request to send this round.
+            if self.needs_reset(&mut g) {
+                return;
+            }
             if g.unplug_all_required {
                 match self.request(&mut g, RequestType::UnplugAll, 0, 0) {
                     Some(Response::Ack) => {
@@ -600,6 +604,24 @@ impl<P: Platform> VirtioMem<P> {
         self.platform.queue_work(r.delay_ms);
     }
 
+    /// Whether the device asked to be reset (`VIRTIO_CONFIG_S_NEEDS_RESET`, QEMU's
+    /// `virtio_error()`): it answers no request any more, so none is sent, rather than each
+    /// one waiting for the timeout. Marks the device broken, and says so once.
+    fn needs_reset(&self, g: &mut Inner<P::Transport>) -> bool {
+        if !g.chan.needs_reset() {
+            return false;
+        }
+        if !g.broken {
+            dev_err!(
+                self.dev,
+                "device needs a reset (VIRTIO_CONFIG_S_NEEDS_RESET): device marked broken, no \
+                 more (un)plugging\n"
+            );
+            g.broken = true;
+        }
+        true
+    }
+
     fn mark_broken(&self, g: &mut Inner<P::Transport>, ty: RequestType, resp: Option<Response>) {
         if let Some(r) = resp {
             dev_err!(
@@ -621,16 +643,20 @@ impl<P: Platform> VirtioMem<P> {
         addr: u64,
         nb_blocks: u16,
     ) -> Option<Response> {
-        // Nothing more goes to a device that answered ERROR, nothing or nonsense.
-        if g.broken {
+        // Nothing more goes to a device that answered ERROR, nothing or nonsense, or that
+        // asked to be reset.
+        if g.broken || self.needs_reset(g) {
             return None;
         }
         let req = protocol::encode_request(ty, addr, nb_blocks);
         let Inner { chan, resp, .. } = g;
         // Whatever the device leaves unwritten, or left from an earlier answer, is invalid.
         *resp = RESPONSE_POISON;
-        let used_len = match chan.request(&req, resp, REQUEST_TIMEOUT_MS) {
+        let res = chan.request(&req, resp, REQUEST_TIMEOUT_MS);
+        let used_len = match res {
             Ok(len) => len,
+            // It asked to be reset while the request waited: the transport stopped waiting.
+            Err(_) if self.needs_reset(g) => return None,
             Err(e) if e == ETIMEDOUT => {
                 dev_err!(
                     self.dev,

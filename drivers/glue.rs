@@ -42,6 +42,7 @@ pub(crate) struct RawGlue {
 extern "C" {
     fn vmr_glue_read_config(glue: *mut RawGlue, cfg: *mut RawConfig);
     fn vmr_glue_has_feature(glue: *mut RawGlue, fbit: c_uint) -> bool;
+    fn vmr_glue_needs_reset(glue: *mut RawGlue) -> bool;
     fn vmr_glue_request(
         glue: *mut RawGlue,
         req: *const c_void,
@@ -248,6 +249,11 @@ impl Transport for Channel {
         // `struct vmr_raw_config`.
         unsafe { vmr_glue_read_config(self.0 .0.as_ptr(), &mut cfg) };
         cfg
+    }
+
+    fn needs_reset(&self) -> bool {
+        // SAFETY: `self.0` is live (type invariant).
+        unsafe { vmr_glue_needs_reset(self.0 .0.as_ptr()) }
     }
 
     fn request(

@@ -24,13 +24,21 @@ pub(crate) trait Transport: Send + Unpin {
     /// Reads the whole config space (as the device has it now; validated by the caller).
     fn read_config(&mut self) -> RawConfig;
 
+    /// Whether the device has set `VIRTIO_CONFIG_S_NEEDS_RESET`: it answers no request any
+    /// more, until it is reset (which only unbinding does). A transport that cannot tell
+    /// says no.
+    fn needs_reset(&self) -> bool {
+        false
+    }
+
     /// Hands `req` to the device with `resp` as its response buffer and waits at most
     /// `timeout_ms` for the answer. `resp` reaches the device as the caller filled it and
     /// comes back with whatever the device wrote into it. Returns the length the device
     /// says it wrote (unchecked).
     ///
     /// `ETIMEDOUT` if the device did not answer in time: the buffers then stay the
-    /// device's, so every later request fails (`EIO`).
+    /// device's, so every later request fails (`EIO`). Fails at once, without waiting any
+    /// longer, when the device needs a reset ([`Self::needs_reset`] then says so).
     fn request(
         &mut self,
         req: &[u8; REQUEST_SIZE],

@@ -49,6 +49,11 @@ struct vmr_glue {
 	struct virtio_mem_resp resp;
 	/* A request whose buffers the device still owns (timed out): never reuse them. */
 	bool request_lost;
+	/*
+	 * The device set VIRTIO_CONFIG_S_NEEDS_RESET: it answers no request until it is
+	 * reset, which only remove does. Set once seen, never cleared.
+	 */
+	bool needs_reset;
 
 	/*
 	 * The worker: a freezable kthread of the device's own, created at probe, so that
@@ -186,23 +191,52 @@ bool vmr_glue_has_feature(struct vmr_glue *glue, unsigned int fbit)
 }
 
 /*
+ * Whether the device set VIRTIO_CONFIG_S_NEEDS_RESET (QEMU's virtio_error(): it stops
+ * processing the queue). The status is read until it is seen, then remembered. Any
+ * context, as the config change callback asks too: get_status() of the transports an
+ * x86-64 guest has (virtio-pci, -mmio, -vdpa) reads a register or a field.
+ */
+bool vmr_glue_needs_reset(struct vmr_glue *glue)
+{
+	struct virtio_device *vdev = glue->vdev;
+
+	if (!READ_ONCE(glue->needs_reset) &&
+	    vdev->config->get_status(vdev) & VIRTIO_CONFIG_S_NEEDS_RESET)
+		WRITE_ONCE(glue->needs_reset, true);
+	return READ_ONCE(glue->needs_reset);
+}
+
+/*
+ * Whether the wait for an answer is over: it came (*answered, with its length in *len), or
+ * it never will (the device is going away, or needs a reset).
+ */
+static bool vmr_wait_over(struct vmr_glue *glue, unsigned int *len, bool *answered)
+{
+	*answered = virtqueue_get_buf(glue->vq, len);
+	return *answered || READ_ONCE(glue->removing) || READ_ONCE(glue->needs_reset);
+}
+
+/*
  * Sends one request and waits at most timeout_ms for the answer. The Rust side encodes the
  * request (struct virtio_mem_req, little endian) and fills the response buffer
  * (struct virtio_mem_resp) with what a field the device does not write must read as; both
  * are copied to and from the glue's DMA-able buffers unchanged. Returns 0 with the used
  * length, -ETIMEDOUT (the buffers stay the device's: every later request fails with -EIO),
- * -ENODEV while removing, or the virtqueue's error.
+ * -ENODEV while removing, -ECONNRESET as soon as the device needs a reset (seen by the
+ * config change callback, which wakes this wait), or the virtqueue's error.
  */
 int vmr_glue_request(struct vmr_glue *glue, const void *req, void *resp,
 		     unsigned int timeout_ms, u32 *used_len)
 {
 	struct scatterlist *sgs[2], sg_req, sg_resp;
 	unsigned int len = 0;
-	long left;
+	bool answered = false;
 	int rc;
 
 	if (glue->request_lost)
 		return -EIO;
+	if (READ_ONCE(glue->needs_reset))
+		return -ECONNRESET;
 
 	memcpy(&glue->req, req, sizeof(glue->req));
 	memcpy(&glue->resp, resp, sizeof(glue->resp));
@@ -217,18 +251,17 @@ int vmr_glue_request(struct vmr_glue *glue, const void *req, void *resp,
 		return rc;
 	virtqueue_kick(glue->vq);
 
-	left = wait_event_timeout(glue->host_resp,
-				  virtqueue_get_buf(glue->vq, &len) || READ_ONCE(glue->removing),
-				  msecs_to_jiffies(timeout_ms));
-	if (!left) {
-		/* One last look: the answer may have come with the timeout. */
-		if (!virtqueue_get_buf(glue->vq, &len)) {
-			glue->request_lost = true;
-			return -ETIMEDOUT;
-		}
-	} else if (!len && READ_ONCE(glue->removing)) {
+	wait_event_timeout(glue->host_resp, vmr_wait_over(glue, &len, &answered),
+			   msecs_to_jiffies(timeout_ms));
+	/* One last look: the answer may have come with the timeout. */
+	if (!answered)
+		answered = virtqueue_get_buf(glue->vq, &len);
+	if (!answered) {
+		/* The device keeps the buffers. */
 		glue->request_lost = true;
-		return -ENODEV;
+		if (READ_ONCE(glue->needs_reset))
+			return -ECONNRESET;
+		return READ_ONCE(glue->removing) ? -ENODEV : -ETIMEDOUT;
 	}
 
 	memcpy(resp, &glue->resp, sizeof(glue->resp));
@@ -703,7 +736,12 @@ static void vmr_config_changed(struct virtio_device *vdev)
 {
 	struct vmr_glue *glue = vdev->priv;
 
-	/* May run in interrupt context: note it and queue the work, nothing else. */
+	/*
+	 * May run in interrupt context: note it and queue the work, nothing else. A device
+	 * that needs a reset answers no request: a worker waiting for one stops waiting.
+	 */
+	if (vmr_glue_needs_reset(glue))
+		wake_up(&glue->host_resp);
 	vmr_rs_config_changed(glue->rust);
 	vmr_glue_queue_work(glue, 0);
 }

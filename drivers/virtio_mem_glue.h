@@ -35,6 +35,7 @@ void vmr_rs_online_pages(void *rust, unsigned long pfn, unsigned int order);
 struct vmr_raw_config;
 void vmr_glue_read_config(struct vmr_glue *glue, struct vmr_raw_config *cfg);
 bool vmr_glue_has_feature(struct vmr_glue *glue, unsigned int fbit);
+bool vmr_glue_needs_reset(struct vmr_glue *glue);
 int vmr_glue_request(struct vmr_glue *glue, const void *req, void *resp,
 		     unsigned int timeout_ms, u32 *used_len);
 void vmr_glue_queue_work(struct vmr_glue *glue, unsigned int delay_ms);

@@ -8,7 +8,8 @@
 //! outside the usable region, misaligned, or of a plugged block is ERROR, PLUG beyond the
 //! requested size is NACK, UNPLUG of a block not plugged is ERROR, UNPLUG_ALL empties it.
 //! [`State::script`] overrides its answers one request at a time with whatever a hostile
-//! or broken device could do. Every ERROR the model has to give on its own is counted in
+//! or broken device could do; [`State::needs_reset`] makes it a device that asks to be reset
+//! and processes no request any more. Every ERROR the model has to give on its own is counted in
 //! [`State::invalid_requests`]: a correct driver never causes one.
 //!
 //! The memory model follows each pageblock-sized chunk of the region through core mm
@@ -84,6 +85,9 @@ pub(crate) enum Answer {
     /// Carries the request out as QEMU would, but the answer never arrives: the transport
     /// times out, and the driver cannot know what the device did.
     Lost,
+    /// Sets `VIRTIO_CONFIG_S_NEEDS_RESET` instead of answering (QEMU's `virtio_error()`, on
+    /// a request it cannot parse): the transport gives up at once.
+    NeedsReset,
 }
 
 /// One request as the device saw it.
@@ -113,6 +117,8 @@ pub(crate) struct State {
     plugged: KVVec<bool>,
     /// A request timed out: the device has the buffers, later requests fail.
     lost: bool,
+    /// The device set `VIRTIO_CONFIG_S_NEEDS_RESET`: it processes no request any more.
+    pub(crate) needs_reset: bool,
     /// Each pageblock-sized chunk of the region.
     pub(crate) chunks: KVec<Chunk>,
     /// Kernel bugs the driver would have caused (see the module documentation).
@@ -313,6 +319,7 @@ pub(crate) fn new_mock(cfg: RawConfig) -> Result<(MockPlatform, MockTransport)> 
         invalid_requests: 0,
         plugged: KVVec::from_elem(false, blocks, GFP_KERNEL)?,
         lost: false,
+        needs_reset: false,
         chunks: KVec::from_elem(Chunk::Absent, chunks, GFP_KERNEL)?,
         violations: 0,
         added: KVec::new(),
@@ -353,6 +360,13 @@ impl Transport for MockTransport {
         self.0.state.lock().cfg
     }
 
+    fn needs_reset(&self) -> bool {
+        self.0.state.lock().needs_reset
+    }
+
+    /// As the glue: a device that needs a reset fails the request at once. The glue's errno
+    /// for that (`ECONNRESET`) has no name in the `kernel` crate; the driver asks
+    /// [`Transport::needs_reset`] rather than looking at the errno.
     fn request(
         &mut self,
         req: &[u8; REQUEST_SIZE],
@@ -368,7 +382,10 @@ impl Transport for MockTransport {
             req[8], req[9], req[10], req[11], req[12], req[13], req[14], req[15],
         ]);
         let nb_blocks = u16::from_le_bytes([req[16], req[17]]);
-        let answer = if s.script.is_empty() {
+        let answer = if s.needs_reset {
+            // Queued, never processed: QEMU ignores the queue of a device that needs a reset.
+            Answer::NeedsReset
+        } else if s.script.is_empty() {
             Answer::Model
         } else {
             s.script.remove(0)?
@@ -383,6 +400,10 @@ impl Transport for MockTransport {
             Answer::Silent => (None, 0),
             Answer::Lost => {
                 s.model(ty, addr, nb_blocks);
+                (None, 0)
+            }
+            Answer::NeedsReset => {
+                s.needs_reset = true;
                 (None, 0)
             }
         };
@@ -400,6 +421,10 @@ impl Transport for MockTransport {
             Answer::Silent | Answer::Lost => {
                 s.lost = true;
                 return Err(ETIMEDOUT);
+            }
+            Answer::NeedsReset => {
+                s.lost = true;
+                return Err(EIO);
             }
             _ => {}
         }

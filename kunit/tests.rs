@@ -822,6 +822,38 @@ mod responses_suite {
     }
 
     #[test]
+    fn needs_reset_stops_requests_at_once() -> Result {
+        let mut f = probe(c"vmr-kunit-needs-reset", qemu_config(), |_| {})?;
+        let before = f.grow_online(256 * MIB)?;
+        // The device fails (QEMU's `virtio_error()`): NEEDS_RESET and a config change, the
+        // sizes unchanged. Broken at once, before any request would wait for an answer.
+        f.with(|s| s.needs_reset = true);
+        f.set(|_| {});
+        f.vm.run();
+        assert!(f.snap().broken);
+        f.resize(512 * MIB);
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(s.requests, before.requests);
+        assert_eq!(s.buddy, before.buddy);
+        assert_eq!(s.held, 0);
+        // It fails while the driver waits for an answer to an UNPLUG: the pages stay
+        // fake-offline (what the device did is unknown) and nothing more is sent.
+        let mut f = probe(c"vmr-kunit-needs-reset-wait", qemu_config(), |_| {})?;
+        let before = f.grow_online(256 * MIB)?;
+        f.script(&[Answer::NeedsReset])?;
+        f.resize(128 * MIB);
+        let s = f.snap();
+        assert!(s.broken);
+        assert_eq!(s.unplugs, before.unplugs + 1);
+        assert_eq!(s.held, 64);
+        f.resize(0);
+        assert_eq!(f.snap().requests, before.requests + 1);
+        assert_eq!(f.snap().violations, 0);
+        Ok(())
+    }
+
+    #[test]
     fn fake_offline_failure_retries_later() -> Result {
         let mut f = probe(c"vmr-kunit-busy-pages", qemu_config(), |_| {})?;
         let before = f.grow_online(256 * MIB)?;
