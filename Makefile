@@ -8,6 +8,7 @@
 #   make bench   the resize scenarios on both kernels, timed over QMP
 #   make run     an interactive VM (Ctrl-A c for the QEMU monitor)
 #   make soak    the memory-pressure boot tests with a 300 s stall window, C driver beside
+#   make mutants-host  cargo-mutants over drivers/*.rs, judged by the host tests
 
 SHELL := /bin/bash
 CACHE := $(or $(VMR_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/virtio-mem-rust)
@@ -17,7 +18,7 @@ DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup kernels initramfs demo bench test run check-style host-tests kunit vm-tests \
-	soak mutants clean
+	soak mutants mutants-host clean
 
 setup:
 	vm-scripts/setup
@@ -42,7 +43,8 @@ run: kernels initramfs
 check-style: kernels
 	vm-scripts/check-style
 
-# The driver's plain-core modules on the host: unit and property tests (cargo test).
+# The driver's logic on the host (device.rs and the plain-core modules, against a stand-in
+# kernel crate; the KUnit suites too): unit and property tests (cargo test).
 host-tests: setup
 	cd host-tests && CARGO_TARGET_DIR=$(CACHE)/host-tests-target cargo test --release --lib -- --show-output
 
@@ -66,6 +68,11 @@ test: kernels initramfs
 # Removes each validation of the driver in turn; a test must notice (about 30 minutes).
 mutants: kernels
 	$(PY) vm-scripts/mutants
+
+# cargo-mutants over drivers/*.rs as the host tests compile them; the host tests judge
+# (about two hours; MUTANTS_ARGS="--file '**/device.rs'" for the worker alone).
+mutants-host: setup
+	vm-scripts/mutants-host $(MUTANTS_ARGS)
 
 clean:
 	rm -rf build
