@@ -387,6 +387,7 @@ stats!(
     converged_at_limit,
     hostile_shrink,
     hostile_error,
+    shrink_kept,
     shrink_refused,
     waits_after_nack,
     pending_unplug,
@@ -1663,8 +1664,16 @@ impl Sim {
                     let bs = w.dev.cfg.block_size;
                     let usable = w.dev.cfg.usable_region_size * u64::from(*n) / 256 / bs * bs;
                     if usable < w.dev.cfg.usable_region_size {
-                        w.stats.hostile_shrink += 1;
-                        w.hostile = true;
+                        // Below plugged memory the driver must refuse the change and goes
+                        // on with the old region (the device may then answer ERROR on its
+                        // own); above it, the driver must keep inside the new end.
+                        let plugged_end = w.dev.plugged.0.last().map_or(0, |&(_, e)| e) * bs;
+                        if usable < plugged_end || w.lost {
+                            w.stats.hostile_shrink += 1;
+                            w.hostile = true;
+                        } else {
+                            w.stats.shrink_kept += 1;
+                        }
                         w.dev.cfg.usable_region_size = usable;
                         w.dev.cfg.requested_size = w.dev.cfg.requested_size.min(usable);
                         trace!(w, "device: usable region shrunk to {usable:#x}");
