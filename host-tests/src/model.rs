@@ -295,6 +295,8 @@ enum Op {
     Shrink(u8),
     /// Processes outside the device's memory leave `n` MiB free (normally plenty).
     Squeeze(u8),
+    /// The device sets `VIRTIO_CONFIG_S_NEEDS_RESET` (QEMU's `virtio_error()`), if `n < 8`.
+    NeedsReset(u8),
 }
 
 /// Which device misbehaviour the script may inject.
@@ -388,6 +390,9 @@ stats!(
     hostile_shrink,
     hostile_error,
     shrink_kept,
+    removed_offline_at_unbind,
+    needs_reset,
+    refused_after_unbind,
     shrink_refused,
     waits_after_nack,
     pending_unplug,
@@ -470,6 +475,10 @@ struct World {
     may_shrink: bool,
     /// A config read was garbled (the driver may log errors about it).
     garbled: bool,
+    /// The driver is being unbound (`VirtioMem::remove`).
+    unbinding: bool,
+    /// The device has set `VIRTIO_CONFIG_S_NEEDS_RESET`.
+    needs_reset: bool,
     trace: VecDeque<String>,
     trace_cap: usize,
     stats: Stats,
@@ -1080,7 +1089,9 @@ impl World {
                     .count()
             })
             .sum();
-        if bits as u64 * sb != d.plugged {
+        // After unbind the driver's count still holds what a block removed in an unknown
+        // state may have plugged (its last log line says so): only added blocks are checked.
+        if bits as u64 * sb != d.plugged && !self.unbinding {
             fail!(
                 self,
                 "{when}: plugged {:#x}, but {} subblocks of {:#x} are marked plugged",
@@ -1096,7 +1107,7 @@ impl World {
             }
             return;
         }
-        if !self.lost && d.plugged != self.dev.size() {
+        if !self.lost && !self.unbinding && d.plugged != self.dev.size() {
             fail!(
                 self,
                 "{when}: driver plugged {:#x}, device plugged {:#x}",
@@ -1106,6 +1117,9 @@ impl World {
         }
         let bpsb = self.geo.blocks_per_sb();
         for mb in 0..self.blocks.len() {
+            if self.unbinding && !self.blocks[mb].added {
+                continue;
+            }
             let mut n = 0;
             for s in 0..sbs {
                 let (a, b) = self.dev.covering(self.geo.sb_addr(mb, s), sb);
@@ -1133,7 +1147,10 @@ impl World {
             let want = match (k.added, k.online) {
                 (false, _) if adding && full => MbState::Offline,
                 (false, _) if adding => MbState::OfflinePartial,
-                (false, _) if self.removed == Some(mb) && n == 0 => MbState::OfflinePartial,
+                // Removed, not yet marked so: as it was (offline; at unbind also one of
+                // unknown state, its subblocks still marked plugged).
+                (false, _) if self.removed == Some(mb) && full => MbState::Offline,
+                (false, _) if self.removed == Some(mb) => MbState::OfflinePartial,
                 (false, _) if n == 0 => MbState::Unused,
                 (false, _) => MbState::Plugged,
                 (true, None) if full => MbState::Offline,
@@ -1479,7 +1496,7 @@ impl Sim {
     /// `Platform::offline_and_remove`: offline_and_remove_memory.
     fn k_offline_and_remove(&self, addr: u64, size: u64) -> Result<(), Error> {
         self.finish_pending();
-        let (mb, b, online) = {
+        let (mb, b, online, at_unbind) = {
             let mut w = self.w();
             let mb = w.geo.mb_exactly(addr, size).unwrap_or_else(|| {
                 fail!(w, "offline_and_remove({addr:#x}, {size:#x}): not a block")
@@ -1488,12 +1505,19 @@ impl Sim {
                 fail!(w, "block {mb} removed but not added");
             }
             let (a, b) = w.dev.covering(addr, size);
-            if w.dev.plugged.count(a, b) != 0 {
+            let online = w.blocks[mb].online;
+            // At unbind the driver removes offline blocks with unplugged subblocks or of
+            // unknown state, plugged memory and all: nothing would keep their unplugged
+            // pages from the buddy once the online page callback is gone. Plugged memory
+            // is lost to the guest then, never handed to it.
+            let at_unbind = w.unbinding && online.is_none();
+            if w.dev.plugged.count(a, b) != 0 && !at_unbind {
                 fail!(w, "block {mb} removed with memory plugged in it");
             }
-            (mb, w.byte(), w.blocks[mb].online)
+            (mb, w.byte(), online, at_unbind)
         };
-        if self.view(|d| d.sbm.plugged(mb, 0, d.sbm.sbs_per_mb())) != Plugged::None {
+        let marked = self.view(|d| d.sbm.plugged(mb, 0, d.sbm.sbs_per_mb()));
+        if marked != Plugged::None && !at_unbind {
             fail!(self.w(), "block {mb} removed with subblocks marked plugged");
         }
         let res = match (b, online) {
@@ -1520,10 +1544,21 @@ impl Sim {
         };
         let mut w = self.w();
         if res.is_ok() {
+            if at_unbind {
+                w.stats.removed_offline_at_unbind += 1;
+            }
             w.blocks[mb] = Block::default();
             let first = mb * w.ppm;
             for i in first..first + w.ppm {
-                w.move_page(i, Move::Remove, "offline_and_remove_memory");
+                if at_unbind {
+                    if w.pages[i] != Page::Offline {
+                        let p = w.pages[i];
+                        fail!(w, "block {mb} removed at unbind with page {i} {p:?}");
+                    }
+                    w.pages[i] = Page::Absent;
+                } else {
+                    w.move_page(i, Move::Remove, "offline_and_remove_memory");
+                }
             }
             w.stats.remove_ok += 1;
         } else {
@@ -1681,6 +1716,17 @@ impl Sim {
                     }
                 }
             }
+            Op::NeedsReset(n) => {
+                let mut w = self.w();
+                if *n < 8 && w.faults.error && w.device_broke.is_none() {
+                    w.stats.needs_reset += 1;
+                    w.needs_reset = true;
+                    // No request may reach it any more.
+                    w.device_broke = Some("needs a reset".into());
+                    trace!(w, "device: needs a reset");
+                    w.config_interrupt();
+                }
+            }
             Op::Squeeze(n) => {
                 // Processes take or give back memory outside the device: from none free to
                 // about twice the margin.
@@ -1797,6 +1843,65 @@ impl Sim {
         });
     }
 
+    /// The driver is unbound (the glue has stopped the worker): what it leaves added must be
+    /// safe without it. Offline blocks stay only if the device surely has all of them
+    /// plugged (no online page callback will keep unplugged pages away any more), nothing
+    /// may be onlined or offlined through the notifier, and no request is sent.
+    fn unbind(&self) {
+        {
+            let mut w = self.w();
+            w.unbinding = true;
+            w.tape.clear();
+            trace!(w, "unbind");
+        }
+        self.vm().remove();
+        {
+            // The driver marked what it removed.
+            let mut w = self.w();
+            w.removed = None;
+            w.adding = None;
+            w.undoing = None;
+        }
+        self.check("after unbind");
+        let vm = self.vm();
+        vm.view(|d| {
+            let w = self.w();
+            for mb in 0..w.blocks.len() {
+                let k = w.blocks[mb];
+                if !k.added || k.online.is_some() {
+                    continue;
+                }
+                let (start, size) = w.mb_range(mb);
+                let unknown = w.unknown.iter().any(|&(s, e, really)| {
+                    really && s < start + size && start < e
+                });
+                if d.sbm.state(mb) != MbState::Offline || unknown {
+                    fail!(
+                        w,
+                        "block {mb} stays added and offline after unbind while {:?} (state unknown: {unknown})",
+                        d.sbm.state(mb)
+                    );
+                }
+            }
+        });
+        let n = self.w().blocks.len();
+        for mb in 0..n {
+            let b = self.w().blocks[mb];
+            if b.added && b.online.is_none() {
+                if self.k_online(mb, false, Refuse::No, None) {
+                    fail!(self.w(), "block {mb} onlined after unbind");
+                }
+                self.w().stats.refused_after_unbind += 1;
+            }
+        }
+        let requests = self.w().stats.requests;
+        self.w().kick = true;
+        self.wake(Vec::new());
+        if self.w().stats.requests != requests {
+            fail!(self.w(), "a request after unbind");
+        }
+    }
+
     /// Breaks the reference cycle (world → driver → platform → world) at the end of a case.
     fn finish(self) -> Stats {
         let mut w = self.w();
@@ -1808,6 +1913,10 @@ impl Sim {
 impl Transport for HostTransport {
     fn read_config(&mut self) -> RawConfig {
         self.0.w().read_config()
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.0.w().needs_reset
     }
 
     fn request(
@@ -2065,6 +2174,8 @@ fn probe(case: &Case, faults: Faults) -> Sim {
         hostile: false,
         may_shrink: case.hostile,
         garbled: false,
+        unbinding: false,
+        needs_reset: false,
         trace: VecDeque::new(),
         trace_cap: 80,
         stats: Stats::default(),
@@ -2087,6 +2198,7 @@ fn play(case: &Case, faults: Faults) -> Stats {
         panic!("pending transition left: {p:?}");
     }
     sim.converge(case.final_requested, case.udev_onlines);
+    sim.unbind();
     let mut stats = sim.finish();
     stats.cases = 1;
     stats
@@ -2180,6 +2292,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::Garble),
         1 => any::<u8>().prop_map(Op::Shrink),
         1 => any::<u8>().prop_map(Op::Squeeze),
+        1 => any::<u8>().prop_map(Op::NeedsReset),
     ]
 }
 
