@@ -479,6 +479,12 @@ struct World {
     unbinding: bool,
     /// The device has set `VIRTIO_CONFIG_S_NEEDS_RESET`.
     needs_reset: bool,
+    /// `hotplug_init` has reserved the region (resource, memory group, notifier, online
+    /// page callback); `Some(errno)` makes it fail.
+    hotplug_ready: bool,
+    hotplug_fails: Option<Error>,
+    /// Every line the driver logged, in order.
+    logged: Vec<String>,
     trace: VecDeque<String>,
     trace_cap: usize,
     stats: Stats,
@@ -1069,6 +1075,7 @@ impl World {
                 );
             }
             trace!(self, "log {level:?}: {}", line.trim_end());
+            self.logged.push(line);
         }
     }
 
@@ -1460,6 +1467,12 @@ impl Sim {
         self.finish_pending();
         let (mb, policy) = {
             let mut w = self.w();
+            if !w.hotplug_ready {
+                fail!(
+                    w,
+                    "add_memory({addr:#x}) before the region's memory group exists"
+                );
+            }
             let mb = w
                 .geo
                 .mb_exactly(addr, size)
@@ -1945,7 +1958,16 @@ impl Platform for HostPlatform {
         false
     }
 
-    fn hotplug_init(&self, _addr: u64, _size: u64, _nid: i32, _unit: u64) -> Result<(), Error> {
+    fn hotplug_init(&self, addr: u64, size: u64, _nid: i32, unit: u64) -> Result<(), Error> {
+        let mut w = self.0.w();
+        let (a, s) = (w.dev.cfg.addr, w.dev.cfg.region_size);
+        if (addr, size, unit) != (a, s, w.geo.memory_block_size) {
+            fail!(w, "hotplug_init({addr:#x}, {size:#x}, unit {unit:#x}): not the device's region in memory blocks");
+        }
+        if let Some(e) = w.hotplug_fails {
+            return Err(e);
+        }
+        w.hotplug_ready = true;
         Ok(())
     }
 
@@ -2059,9 +2081,9 @@ impl World {
     }
 }
 
-/// Builds the world of `case` and probes the driver on it, as the glue does: `new`,
-/// `start`, and the worker queued.
-fn probe(case: &Case, faults: Faults) -> Sim {
+/// Builds the world of `case` and probes the driver on it, as the glue does: `new` (with
+/// the worker queued); `start` is left to the caller.
+fn probe_unstarted(case: &Case, faults: Faults) -> Sim {
     let mb = 1u64 << case.mb_shift;
     let sb_shift = case.mb_shift - case.sbs_shift;
     let sb = 1u64 << sb_shift;
@@ -2176,6 +2198,9 @@ fn probe(case: &Case, faults: Faults) -> Sim {
         garbled: false,
         unbinding: false,
         needs_reset: false,
+        hotplug_ready: false,
+        hotplug_fails: None,
+        logged: Vec::new(),
         trace: VecDeque::new(),
         trace_cap: 80,
         stats: Stats::default(),
@@ -2183,8 +2208,14 @@ fn probe(case: &Case, faults: Faults) -> Sim {
     let sim = Sim(std::sync::Arc::new(std::sync::Mutex::new(world)));
     let vm = VirtioMem::new(HostPlatform(sim.clone()), HostTransport(sim.clone()), log)
         .unwrap_or_else(|e| panic!("probing a valid device fails: {e:?}"));
-    vm.start().expect("hotplug setup");
     sim.w().vm = Some(vm);
+    sim
+}
+
+/// [`probe_unstarted`], then `start`.
+fn probe(case: &Case, faults: Faults) -> Sim {
+    let sim = probe_unstarted(case, faults);
+    sim.vm().start().expect("hotplug setup");
     sim
 }
 
@@ -2652,7 +2683,63 @@ fn guest_short_of_memory_keeps_its_margin() {
     assert!(left >= MB, "left {left:#x}: less than the margin");
     assert!(left < 4 * MB, "nothing given back");
     assert!(w.w().stats.pressure_stall >= 1, "the stall was not told");
+    // 512 MiB in the buddy, nothing else free, MemTotal 1 GiB + what is left: the margin is
+    // 128 MiB, so 384 MiB are given back and 128 MiB stay.
+    let told = "guest needs its memory: 128 MiB available, 128 MiB more asked; waiting \
+                (128 MiB stay the guest's)\n";
+    let logged = w.w().logged.clone();
+    assert!(logged.iter().any(|l| l == told), "{logged:#?}");
     let zero = w.sel(0);
     w.converge(zero, false);
     assert_eq!(w.plugged(), 0);
+}
+
+/// Probe fails if the region cannot be set up for memory hotplug (resource, memory group,
+/// notifier, online page callback): nothing may be added without them. (A `start` that
+/// ignores `hotplug_init` survived `make mutants-host` before this test.)
+#[test]
+fn probe_fails_when_hotplug_cannot_be_set_up() {
+    let faults = Faults {
+        error: false,
+        invalid: false,
+        strict_unknown: false,
+    };
+    let sim = probe(&small(), faults);
+    assert!(sim.w().hotplug_ready);
+    sim.finish();
+
+    let case = small();
+    let w = probe_unstarted(&case, faults);
+    w.w().hotplug_fails = Some(EBUSY);
+    let vm = w.vm();
+    assert_eq!(vm.start(), Err(EBUSY));
+    let log = w.w().log.take_log();
+    assert!(
+        log.iter()
+            .any(|(l, t)| *l == Level::Err && t.contains("cannot set up memory hotplug")),
+        "{log:?}"
+    );
+    w.finish();
+}
+
+/// An emptied block whose removal fails is tried again later, also when nothing else is
+/// left to do (the requested size is reached). (A `run` that let such a round end as done,
+/// with no retry queued, survived `make mutants-host` before this test.)
+#[test]
+fn failed_removal_of_an_emptied_block_is_retried() {
+    let w = booted(small());
+    w.resize_to(MB);
+    w.wake(vec![]);
+    assert_eq!(w.state(0), MbState::Offline);
+    w.resize_to(0);
+    // UNPLUG ACK, (lock free), offline_and_remove fails: retry later.
+    w.wake(vec![0, 0, 200]);
+    assert!(w.w().timer, "no retry after a failed removal");
+    assert!(w.w().blocks[0].added);
+    // The retry: nothing to (un)plug, the removal fails again: another retry.
+    w.wake(vec![0, 200]);
+    assert!(w.w().timer, "no retry after the removal failed again");
+    w.wake(vec![]);
+    assert!(!w.w().blocks[0].added);
+    assert_eq!(w.state(0), MbState::Unused);
 }
