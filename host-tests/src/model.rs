@@ -1029,6 +1029,14 @@ impl World {
         (self.geo.mb_addr(mb), self.geo.memory_block_size)
     }
 
+    /// The driver has held its lock since the last look: it marked in `sbm.rs` what it added,
+    /// failed to add or removed meanwhile.
+    fn driver_took_lock(&mut self) {
+        self.adding = None;
+        self.undoing = None;
+        self.removed = None;
+    }
+
     /// The driver adds block `mb` only while fewer than the offline threshold are added
     /// and offline (checked while its lock is held: others may offline blocks later).
     fn threshold_check(&self, mb: usize) {
@@ -1636,13 +1644,7 @@ impl Sim {
             saved
         };
         self.vm().run();
-        {
-            let mut w = self.w();
-            // The worker marked what it added or removed meanwhile.
-            w.adding = None;
-            w.undoing = None;
-            w.removed = None;
-        }
+        self.w().driver_took_lock();
         self.check("after a run");
         self.w().tape = saved;
     }
@@ -1820,8 +1822,15 @@ impl Sim {
                 // holds.
                 let nr = w.blocks.len();
                 let usable_mbs = w.geo.usable_mbs(w.dev.cfg.usable_region_size);
+                // An added block with an unplugged subblock inside the usable region (one
+                // beyond its end, after a shrink or with a small extent, cannot be plugged).
+                let usable_end = w.dev.cfg.addr + w.dev.cfg.usable_region_size;
                 let partial = (0..nr).find(|&mb| {
-                    w.blocks[mb].added && d.sbm.plugged(mb, 0, w.sbs) != Plugged::All
+                    w.blocks[mb].added
+                        && (0..w.sbs).any(|sb| {
+                            d.sbm.plugged(mb, sb, 1) != Plugged::All
+                                && w.geo.sb_addr(mb, sb) + w.sb_size() <= usable_end
+                        })
                 });
                 let room = (0..usable_mbs).any(|mb| d.sbm.state(mb) == MbState::Unused);
                 let offline = (0..nr)
@@ -1868,13 +1877,7 @@ impl Sim {
             trace!(w, "unbind");
         }
         self.vm().remove();
-        {
-            // The driver marked what it removed.
-            let mut w = self.w();
-            w.removed = None;
-            w.adding = None;
-            w.undoing = None;
-        }
+        self.w().driver_took_lock();
         self.check("after unbind");
         let vm = self.vm();
         vm.view(|d| {
@@ -1983,8 +1986,7 @@ impl Platform for HostPlatform {
                 .geo
                 .mb_exactly(addr, size)
                 .unwrap_or_else(|| fail!(w, "add_memory({addr:#x}, {size:#x}): not a block"));
-            w.removed = None;
-            w.undoing = None;
+            w.driver_took_lock();
             w.threshold_check(mb);
             w.adding = Some(mb);
             mb
@@ -2003,12 +2005,7 @@ impl Platform for HostPlatform {
 
     fn offline_and_remove(&self, addr: u64, size: u64) -> Result<(), Error> {
         let sim = &self.0;
-        {
-            let mut w = sim.w();
-            w.adding = None;
-            w.undoing = None;
-            w.removed = None;
-        }
+        sim.w().driver_took_lock();
         sim.lock_dropped("before offline_and_remove");
         let res = sim.k_offline_and_remove(addr, size);
         if res.is_ok() {
