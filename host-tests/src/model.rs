@@ -2689,6 +2689,81 @@ fn guest_short_of_memory_keeps_its_margin() {
     let zero = w.sel(0);
     w.converge(zero, false);
     assert_eq!(w.plugged(), 0);
+    // The stall's end is told once, as the unplug's resumption; nothing was told before it.
+    let logged = w.w().logged.clone();
+    let told = |s: &str| logged.iter().filter(|l| l.contains(s)).count();
+    assert_eq!(
+        told("guest memory available again: resuming the unplug"),
+        1,
+        "{logged:#?}"
+    );
+    assert_eq!(told("no longer waiting for the guest's memory"), 0);
+    assert_eq!(told("plugged 0x20000000 of requested 0x20000000"), 1);
+}
+
+/// What the operator reads at unbind: an offline block of unknown state removed (or, if
+/// that fails, that it stays and why it matters), and what may stay plugged. (The choice of
+/// these lines survived `make mutants-host` before this test.)
+#[test]
+fn unbind_tells_what_goes_and_what_stays() {
+    for removal_fails in [false, true] {
+        let w = booted(small());
+        w.resize_to(MB);
+        w.wake(vec![]);
+        w.resize_to(0);
+        // UNPLUG done by the device, answer lost: block 0's state is unknown.
+        w.wake(vec![234]);
+        assert!(w.broken());
+        {
+            let mut w = w.w();
+            w.unbinding = true;
+            // (lock free), then offline_and_remove fails or not.
+            w.tape = vec![0, if removal_fails { 200 } else { 0 }].into();
+        }
+        w.vm().remove();
+        w.w().driver_took_lock();
+        w.check("after unbind");
+        let logged = w.w().logged.clone();
+        let told = |s: &str| logged.iter().any(|l| l.contains(s));
+        let gone = "memory block 0x200000000, offline, of unknown state in the device, removed";
+        let stays = "memory block 0x200000000, offline, of unknown state in the device, stays \
+                     added after removal";
+        assert_eq!(told(gone), !removal_fails, "{logged:#?}");
+        assert_eq!(told(stays), removal_fails, "{logged:#?}");
+        assert!(told("removed with 0x8000000 still plugged"), "{logged:#?}");
+        w.finish();
+    }
+}
+
+/// A usable region that shrinks above plugged memory is followed with a warning; growing
+/// says nothing of the kind. (That condition survived `make mutants-host` before this test.)
+#[test]
+fn usable_region_shrunk_without_unplug_all_is_told() {
+    // The usable region is two blocks beyond the requested size.
+    let w = booted(Case {
+        nr_mbs: 4,
+        hostile: true,
+        ..small()
+    });
+    w.resize_to(2 * MB);
+    w.wake(vec![]);
+    assert_eq!(w.plugged(), 2 * MB);
+    // Asking for less leaves the usable region as it is (QEMU never shrinks it then).
+    w.resize_to(MB);
+    w.wake(vec![]);
+    assert_eq!(w.plugged(), MB);
+    let shrink = "without UNPLUG_ALL; nothing will be plugged beyond it";
+    assert!(!w.w().logged.iter().any(|l| l.contains(shrink)));
+    // From 4 blocks to 3: still above the plugged block.
+    w.apply(&Op::Shrink(192));
+    w.wake(vec![]);
+    assert_eq!(w.w().stats.shrink_kept, 1);
+    let logged = w.w().logged.clone();
+    assert!(
+        logged.iter().any(|l| l.contains(shrink)
+            && l.contains("usable_region_size shrank from 0x20000000 to 0x18000000")),
+        "{logged:#?}"
+    );
 }
 
 /// Probe fails if the region cannot be set up for memory hotplug (resource, memory group,
