@@ -2766,6 +2766,21 @@ fn usable_region_shrunk_without_unplug_all_is_told() {
     );
 }
 
+/// The probe's line tells the operator the device's geometry and the mode. (The mode's
+/// name survived `make mutants-host` before this test.)
+#[test]
+fn probe_says_what_the_device_is() {
+    let w = booted(small());
+    let logged = w.w().logged.clone();
+    let told = "address 0x200000000, region 0x10000000 (usable 0x0), device block 0x4000000, \
+                subblock 0x4000000, memory block 0x8000000, node 0, Sub Block Mode\n";
+    assert_eq!(
+        logged.first().map(String::as_str),
+        Some(told),
+        "{logged:#?}"
+    );
+}
+
 /// Probe fails if the region cannot be set up for memory hotplug (resource, memory group,
 /// notifier, online page callback): nothing may be added without them. (A `start` that
 /// ignores `hotplug_init` survived `make mutants-host` before this test.)

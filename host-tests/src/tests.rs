@@ -140,6 +140,28 @@ fn hostile_configs_are_refused_naming_the_field() {
     assert!(Geometry::new(&qemu(), &limits()).is_ok());
 }
 
+/// The memory block of a range the online page callback hands over: only a range inside
+/// one of the region's memory blocks has one (a range across two blocks, or outside the
+/// region on either side, is kept from the buddy). (`||` for `&&` in these checks survived
+/// `make mutants-host` before this test.)
+#[test]
+fn memory_block_of_a_range_is_one_of_the_region() {
+    let geo = Geometry::new(&qemu(), &limits()).unwrap();
+    let mb = 128 * MIB;
+    let first = 4 * GIB;
+    assert_eq!(geo.mb_of(first, mb), Some(0));
+    assert_eq!(geo.mb_of(first + 3 * mb + 4096, 4096), Some(3));
+    assert_eq!(geo.mb_of(first + 63 * mb, mb), Some(63));
+    // Across two blocks of the region.
+    assert_eq!(geo.mb_of(first + mb - 4096, 2 * 4096), None);
+    // Whole blocks just outside the region, below and above.
+    assert_eq!(geo.mb_of(first - mb, mb), None);
+    assert_eq!(geo.mb_of(first + 64 * mb, mb), None);
+    // Empty, and wrapping around.
+    assert_eq!(geo.mb_of(first, 0), None);
+    assert_eq!(geo.mb_of(u64::MAX - 4095, 8192), None);
+}
+
 #[test]
 fn runtime_changes_of_fixed_fields_are_refused() {
     let geo = Geometry::new(&qemu(), &limits()).unwrap();
