@@ -162,6 +162,32 @@ fn memory_block_of_a_range_is_one_of_the_region() {
     assert_eq!(geo.mb_of(u64::MAX - 4095, 8192), None);
 }
 
+/// The memory block a notifier event names exactly, and the subblocks of a block the usable
+/// region ends in. (Mutants of these checks survived `make mutants-host` before this test.)
+#[test]
+fn exact_blocks_and_the_usable_tail() {
+    let geo = Geometry::new(&qemu(), &limits()).unwrap();
+    let (mb, first) = (128 * MIB, 4 * GIB);
+    assert_eq!(geo.mb_exactly(first + mb, mb), Some(1));
+    // Aligned but not a whole block, or a whole block's size but not aligned.
+    assert_eq!(geo.mb_exactly(first, 4096), None);
+    assert_eq!(geo.mb_exactly(first + 2 * MIB, mb), None);
+    // 2 MiB subblocks: a usable region ending 64 MiB into the first block has 32 of them
+    // there; one ending at a block's end has none in the next.
+    assert_eq!(geo.usable_tail(64 * MIB), 32);
+    assert_eq!(geo.usable_tail(3 * mb + 10 * MIB), 5);
+    assert_eq!(geo.usable_tail(3 * mb), 0);
+    // A region with 64 MiB after its last whole block: the usable end there is in no block
+    // of the region.
+    let raw = RawConfig {
+        region_size: 8 * GIB + 64 * MIB,
+        usable_region_size: 8 * GIB + 64 * MIB,
+        ..qemu()
+    };
+    let geo = Geometry::new(&raw, &limits()).unwrap();
+    assert_eq!(geo.usable_tail(8 * GIB + 64 * MIB), 0);
+}
+
 #[test]
 fn runtime_changes_of_fixed_fields_are_refused() {
     let geo = Geometry::new(&qemu(), &limits()).unwrap();
