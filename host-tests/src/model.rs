@@ -2613,6 +2613,18 @@ fn request_sent_after_error_when_adding_fails() {
     assert_eq!(w.state(0), MbState::Plugged);
 }
 
+/// Block 0 plugged and offline, then its UNPLUG done by the device but the answer lost:
+/// the device is broken, the block's state unknown.
+fn lost_unplug() -> Sim {
+    let w = booted(small());
+    w.resize_to(MB);
+    w.wake(vec![]);
+    w.resize_to(0);
+    w.wake(vec![234]);
+    assert!(w.broken());
+    w
+}
+
 /// Regression test (fixed in 64328f7): an offline block's UNPLUG times out after QEMU
 /// did it: the driver marks the device broken but keeps the subblocks marked plugged,
 /// and onlining the block (user space, udev) handed memory the device has unplugged to
@@ -2620,13 +2632,7 @@ fn request_sent_after_error_when_adding_fails() {
 /// unknown. Now GOING_ONLINE is refused once the device is broken.
 #[test]
 fn onlining_after_a_lost_unplug_hands_unplugged_memory_to_the_buddy() {
-    let w = booted(small());
-    w.resize_to(MB);
-    w.wake(vec![]);
-    w.resize_to(0);
-    // UNPLUG done by the device, answer lost.
-    w.wake(vec![234]);
-    assert!(w.broken());
+    let w = lost_unplug();
     w.apply(&Op::Online {
         mb: 0,
         movable: false,
@@ -2707,13 +2713,7 @@ fn guest_short_of_memory_keeps_its_margin() {
 #[test]
 fn unbind_tells_what_goes_and_what_stays() {
     for removal_fails in [false, true] {
-        let w = booted(small());
-        w.resize_to(MB);
-        w.wake(vec![]);
-        w.resize_to(0);
-        // UNPLUG done by the device, answer lost: block 0's state is unknown.
-        w.wake(vec![234]);
-        assert!(w.broken());
+        let w = lost_unplug();
         {
             let mut w = w.w();
             w.unbinding = true;
