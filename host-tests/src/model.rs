@@ -311,6 +311,22 @@ struct Faults {
     strict_unknown: bool,
 }
 
+impl Faults {
+    /// Every device fault: ERROR, invalid and missing answers, whose memory never reaches
+    /// the buddy.
+    const ALL: Faults = Faults {
+        error: true,
+        invalid: true,
+        strict_unknown: true,
+    };
+    /// A device that answers as QEMU does.
+    const NONE: Faults = Faults {
+        error: false,
+        invalid: false,
+        strict_unknown: false,
+    };
+}
+
 #[derive(Clone, Debug)]
 struct Case {
     /// log2 of the memory block size (27..=30: offline threshold 8, 4, 2, 2 blocks).
@@ -689,8 +705,13 @@ impl World {
                 let added = self
                     .geo
                     .mb_of(addr, size)
-                    .is_some_and(|mb| self.blocks[mb].added && self.undoing != Some(mb));
-                if !self.lost && !plug && added && self.told_plugged < self.read_requested + size {
+                    .map(|mb| self.blocks[mb])
+                    .filter(|b| b.added);
+                if !self.lost
+                    && !plug
+                    && added.is_some()
+                    && self.told_plugged < self.read_requested + size
+                {
                     fail!(
                         self,
                         "UNPLUG {:#x} ({} blocks) below the requested size: plugged {:#x}, requested {:#x}",
@@ -700,11 +721,10 @@ impl World {
                         self.read_requested
                     );
                 }
-                if !plug && added {
-                    match self.blocks[self.geo.mb_of(addr, size).unwrap()].online {
-                        Some(_) => self.stats.online_unplug += 1,
-                        None => self.stats.offline_unplug += 1,
-                    }
+                match added.map(|b| b.online) {
+                    Some(Some(_)) if !plug => self.stats.online_unplug += 1,
+                    Some(None) if !plug => self.stats.offline_unplug += 1,
+                    _ => {}
                 }
             }
         }
@@ -1949,8 +1969,7 @@ impl Platform for HostPlatform {
     type Transport = HostTransport;
 
     fn mm_limits(&self) -> Limits {
-        let w = self.0.w();
-        w.limits()
+        self.0.w().limits
     }
 
     fn node(&self, _node_id: u16, _addr: u64) -> i32 {
@@ -2071,12 +2090,6 @@ impl Platform for HostPlatform {
 }
 
 // ---- a case: probe, script, convergence ---------------------------------------------------
-
-impl World {
-    fn limits(&self) -> Limits {
-        self.limits
-    }
-}
 
 /// Builds the world of `case` and probes the driver on it, as the glue does: `new` (with
 /// the worker queued); `start` is left to the caller.
@@ -2429,11 +2442,7 @@ fn driver_follows_the_device_model() {
 /// the driver's hand or by onlining.
 #[test]
 fn unknown_device_state_never_reaches_the_buddy() {
-    let faults = Faults {
-        error: true,
-        invalid: true,
-        strict_unknown: true,
-    };
+    let faults = Faults::ALL;
     let stats = run_model(
         "unknown_device_state_never_reaches_the_buddy",
         2_500,
@@ -2484,11 +2493,7 @@ fn small() -> Case {
 
 /// The driver probed on `case`, after its first run.
 fn booted(case: Case) -> Sim {
-    let faults = Faults {
-        error: true,
-        invalid: true,
-        strict_unknown: true,
-    };
+    let faults = Faults::ALL;
     let sim = probe(&case, faults);
     sim.w().trace_cap = 1000;
     sim.wake(vec![]);
@@ -2786,11 +2791,7 @@ fn probe_says_what_the_device_is() {
 /// ignores `hotplug_init` survived `make mutants-host` before this test.)
 #[test]
 fn probe_fails_when_hotplug_cannot_be_set_up() {
-    let faults = Faults {
-        error: false,
-        invalid: false,
-        strict_unknown: false,
-    };
+    let faults = Faults::NONE;
     let sim = probe(&small(), faults);
     assert!(sim.w().hotplug_ready);
     sim.finish();
