@@ -26,6 +26,7 @@ use kernel::{
     device::Device,
     error::{from_result, to_result},
     ffi::{c_int, c_uint, c_ulong, c_void},
+    page::PAGE_SIZE,
     prelude::*,
     sync::{Arc, ArcBorrow},
 };
@@ -53,7 +54,6 @@ extern "C" {
     fn vmr_glue_queue_work(glue: *mut RawGlue, delay_ms: c_uint);
     fn vmr_glue_memory_block_size() -> u64;
     fn vmr_glue_pageblock_size() -> u64;
-    fn vmr_glue_page_size() -> u64;
     fn vmr_glue_pluggable_range(start: *mut u64, end: *mut u64);
     fn vmr_glue_node(glue: *mut RawGlue, node_id: u16, addr: u64) -> c_int;
     fn vmr_glue_hotplug_init(
@@ -106,9 +106,8 @@ pub(crate) fn mm_limits() -> Limits {
     // SAFETY: both pointers are valid for writes.
     unsafe { vmr_glue_pluggable_range(&mut start, &mut end) };
     Limits {
+        page_size: PAGE_SIZE as u64,
         // SAFETY: these read constants.
-        page_size: unsafe { vmr_glue_page_size() },
-        // SAFETY: as above.
         memory_block_size: unsafe { vmr_glue_memory_block_size() },
         // SAFETY: as above.
         pageblock_size: unsafe { vmr_glue_pageblock_size() },

@@ -303,11 +303,6 @@ u64 vmr_glue_pageblock_size(void)
 	return PAGE_SIZE * pageblock_nr_pages;
 }
 
-u64 vmr_glue_page_size(void)
-{
-	return PAGE_SIZE;
-}
-
 void vmr_glue_pluggable_range(u64 *start, u64 *end)
 {
 	const struct range r = mhp_get_pluggable_range(true);

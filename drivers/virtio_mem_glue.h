@@ -41,7 +41,6 @@ int vmr_glue_request(struct vmr_glue *glue, const void *req, void *resp,
 void vmr_glue_queue_work(struct vmr_glue *glue, unsigned int delay_ms);
 u64 vmr_glue_memory_block_size(void);
 u64 vmr_glue_pageblock_size(void);
-u64 vmr_glue_page_size(void);
 void vmr_glue_pluggable_range(u64 *start, u64 *end);
 int vmr_glue_node(struct vmr_glue *glue, u16 node_id, u64 addr);
 int vmr_glue_hotplug_init(struct vmr_glue *glue, u64 addr, u64 size, int nid, u64 unit_bytes);
