@@ -3,15 +3,26 @@
 //! The Rust side of the C glue (`virtio_mem_glue.c`): the only place that calls C.
 //!
 //! The glue owns the C objects (the virtio device and its queue, the worker thread, the memory
-//! notifier, the online page callback); the Rust state ([`VirtioMem`]) lives in an [`Arc`]
-//! whose raw pointer the glue keeps from probe to release.
+//! notifier); the Rust state ([`VirtioMem`]) lives in an [`Arc`] whose raw pointer the glue
+//! keeps from probe to release. This file also keeps the devices the online page callback
+//! serves ([`DEVICES`]).
 //!
 //! # Invariants
 //!
 //! A [`Glue`] points to a live `struct vmr_glue`: the glue frees it only after
-//! `vmr_rs_release`, which drops the last reference to the [`VirtioMem`] holding the
-//! [`Glue`]. Requests use the glue's single request and response buffers, so [`Channel`]
-//! (the only way to send one) lives inside the device's mutex.
+//! `vmr_rs_release`, which drops its reference to the [`VirtioMem`] holding the [`Glue`].
+//! The online page callback may hold another reference a little longer (it cloned it from
+//! [`DEVICES`] just before the device left the list); it only calls
+//! [`Platform::online_pages`] and [`Platform::keep_fake_offline`], which do not use the
+//! `struct vmr_glue`. Requests use the glue's single request and response buffers, so
+//! [`Channel`] (the only way to send one) lives inside the device's mutex.
+//!
+//! # Lock order
+//!
+//! [`CALLBACK_OWNER`] → memory hotplug lock (`set_online_page_callback` and
+//! `restore_online_page_callback` take it) → [`DEVICES`] (the online page callback runs
+//! under it) → the device's mutex. [`DEVICES`] is never held while calling into mm or into a
+//! device.
 
 use crate::{
     config::{Limits, RawConfig},
@@ -26,7 +37,7 @@ use kernel::{
     device::Device,
     error::{from_result, to_result},
     ffi::{c_int, c_uint, c_ulong, c_void},
-    page::PAGE_SIZE,
+    page::{PAGE_SHIFT, PAGE_SIZE},
     prelude::*,
     sync::{Arc, ArcBorrow},
 };
@@ -81,6 +92,7 @@ extern "C" {
         active_file: *mut u64,
     );
     fn vmr_glue_unplug_online() -> bool;
+    fn vmr_glue_page_to_pfn(page: *const c_void) -> c_ulong;
     fn vmr_glue_register_driver() -> c_int;
     fn vmr_glue_unregister_driver();
 }
@@ -88,10 +100,79 @@ extern "C" {
 /// `VIRTIO_MEM_F_ACPI_PXM`.
 const F_ACPI_PXM: c_uint = 0;
 
+/// A device whose region the online page callback serves: `start..end`, in bytes.
+struct Served {
+    start: u64,
+    end: u64,
+    vm: Arc<VirtioMem>,
+}
+
+kernel::sync::global_lock! {
+    // SAFETY: initialised in `register_driver`, before any device can probe.
+    unsafe(uninit) static CALLBACK_OWNER: Mutex<()> = ();
+}
+
+kernel::sync::global_lock! {
+    // SAFETY: initialised in `register_driver`, before any device can probe.
+    unsafe(uninit) static DEVICES: Mutex<KVec<Served>> = KVec::new();
+}
+
 /// Registers the virtio driver.
 pub(crate) fn register_driver() -> Result {
+    // SAFETY: called once, from module init, before any device can probe (which is the first
+    // use of the locks).
+    unsafe {
+        CALLBACK_OWNER.init();
+        DEVICES.init();
+    }
     // SAFETY: no precondition; called once from module init.
     to_result(unsafe { vmr_glue_register_driver() })
+}
+
+/// The online page callback.
+const ONLINE_PAGE_CB: bindings::online_page_callback_t = Some(online_page_cb);
+
+/// Puts `vm` on the list the online page callback serves, for `start..end`. The first device
+/// installs the callback; it fails if another driver has one.
+fn serve_online_pages(vm: Arc<VirtioMem>, start: u64, end: u64) -> Result {
+    // Held across the (un)installing of the callback: a first device and a last one cannot
+    // cross.
+    let _owner = CALLBACK_OWNER.lock();
+    let first = DEVICES.lock().is_empty();
+    if first {
+        // SAFETY: the callback is a function of this module; the last device restores it
+        // (`stop_serving_online_pages`) before the module can go.
+        to_result(unsafe { bindings::set_online_page_callback(ONLINE_PAGE_CB) })?;
+    }
+    let pushed = DEVICES.lock().push(Served { start, end, vm }, GFP_KERNEL);
+    if pushed.is_err() && first {
+        // SAFETY: installed just above; no device is on the list.
+        unsafe { bindings::restore_online_page_callback(ONLINE_PAGE_CB) };
+    }
+    Ok(pushed?)
+}
+
+/// Takes the device at `rust` off the list; the last device restores the callback, which
+/// waits for onlining under way to finish.
+fn stop_serving_online_pages(rust: *const c_void) {
+    let _owner = CALLBACK_OWNER.lock();
+    let (gone, last) = {
+        let mut devices = DEVICES.lock();
+        let gone = devices
+            .iter()
+            .position(|d| core::ptr::eq(Arc::as_ptr(&d.vm).cast(), rust))
+            .and_then(|i| devices.remove(i).ok());
+        (gone, devices.is_empty())
+    };
+    if gone.is_some() && last {
+        // SAFETY: installed by the first device (`serve_online_pages`), with this value.
+        let rc = unsafe { bindings::restore_online_page_callback(ONLINE_PAGE_CB) };
+        if rc != 0 {
+            pr_warn!("cannot restore the online page callback: {}\n", rc);
+        }
+    }
+    // The reference goes after the locks (it is not the last one: the glue has another).
+    drop(gone);
 }
 
 /// Unregisters the virtio driver (removing every bound device first).
@@ -364,13 +445,50 @@ unsafe extern "C" fn vmr_rs_memory_event(
     unsafe { borrow(rust) }.memory_event(event, start, size, movable) as c_int
 }
 
+/// The online page callback: the `2^order` pages at `page`, being onlined, go to the device
+/// whose region holds them; pages of no device (a DIMM, another driver's) go online.
+///
 /// # Safety
 ///
-/// `rust` comes from `vmr_rs_probe`, not yet released; the pages are being onlined.
+/// Called by core mm, under the memory hotplug lock, for pages it is onlining.
+unsafe extern "C" fn online_page_cb(page: *mut bindings::page, order: c_uint) {
+    // SAFETY: `page` is a page of the memory map (function safety).
+    let pfn = unsafe { vmr_glue_page_to_pfn(page.cast()) } as u64;
+    let start = pfn << PAGE_SHIFT;
+    let end = start + (1u64 << (PAGE_SHIFT as u32 + order));
+    // Cloned out: the device's own lock is taken without `DEVICES`.
+    let vm = DEVICES
+        .lock()
+        .iter()
+        .find(|d| d.start <= start && end <= d.end)
+        .map(|d| d.vm.clone());
+    match vm {
+        Some(vm) => vm.online_pages(pfn, order),
+        // SAFETY: pages core mm is onlining (function safety), which no device of ours keeps.
+        None => unsafe { bindings::generic_online_page(page, order) },
+    }
+}
+
+/// The device at `rust` serves the online page callback for `addr .. addr + size`.
+///
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe`, not yet released.
 #[no_mangle]
-unsafe extern "C" fn vmr_rs_online_pages(rust: *const c_void, pfn: c_ulong, order: c_uint) {
+unsafe extern "C" fn vmr_rs_serve_online_pages(rust: *const c_void, addr: u64, size: u64) -> c_int {
     // SAFETY: function safety.
-    unsafe { borrow(rust) }.online_pages(pfn as u64, order);
+    let vm: Arc<VirtioMem> = unsafe { borrow(rust) }.into();
+    from_result(|| {
+        let end = addr.checked_add(size).ok_or(EINVAL)?;
+        serve_online_pages(vm, addr, end)?;
+        Ok(0)
+    })
+}
+
+/// The device at `rust` no longer serves the online page callback.
+#[no_mangle]
+extern "C" fn vmr_rs_stop_serving_online_pages(rust: *const c_void) {
+    stop_serving_online_pages(rust);
 }
 
 /// Remove: the work is cancelled and will not be queued again.

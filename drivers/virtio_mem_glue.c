@@ -4,9 +4,9 @@
  *
  * - the virtio driver (device and feature tables, probe/remove/config_changed, the
  *   virtqueue and the wait for a response, virtio_cread_le for the config);
- * - kernel callbacks that need a C object: the memory notifier, the global online page
- *   callback and its device list, the worker thread and its retry timer;
- * - page flag helpers (inline functions) and a few constants (macros).
+ * - kernel callbacks that need a C object: the memory notifier, the worker thread and its
+ *   retry timer;
+ * - page flag helpers and page_to_pfn() (inline functions, macros) and a few constants.
  *
  * The ABI towards Rust is opaque pointers and scalars, declared once on the Rust side in
  * glue.rs. All logic (validation, state, planning) lives in Rust.
@@ -24,10 +24,8 @@
 #include <linux/memory_hotplug.h>
 #include <linux/mm.h>
 #include <linux/module.h>
-#include <linux/mutex.h>
 #include <linux/numa.h>
 #include <linux/page-flags.h>
-#include <linux/rculist.h>
 #include <linux/scatterlist.h>
 #include <linux/slab.h>
 #include <linux/timer.h>
@@ -75,7 +73,6 @@ struct vmr_glue {
 	int mgid;
 	bool on_device_list;
 	u64 addr, size;
-	struct list_head next;
 
 	void *rust;
 };
@@ -84,33 +81,12 @@ static bool unplug_online = true;
 module_param(unplug_online, bool, 0644);
 MODULE_PARM_DESC(unplug_online, "Try to unplug online memory");
 
-/* ---- device list and the online page callback --------------------------------------- */
+/* ---- the online page callback and the memory notifier ---------------------------------- */
 
-static DEFINE_MUTEX(vmr_devices_mutex);
-static LIST_HEAD(vmr_devices);
-
-static void vmr_online_page_cb(struct page *page, unsigned int order)
+/* For glue.rs's online page callback: page_to_pfn() is a macro. */
+unsigned long vmr_glue_page_to_pfn(const void *page)
 {
-	const u64 start = page_to_phys(page);
-	const u64 size = PFN_PHYS(1UL << order);
-	struct vmr_glue *glue;
-
-	rcu_read_lock();
-	list_for_each_entry_rcu(glue, &vmr_devices, next) {
-		if (start < glue->addr || start + size > glue->addr + glue->size)
-			continue;
-		/*
-		 * The Rust side may sleep: leave the RCU section first. The device cannot go
-		 * away while its memory is being onlined: remove() unlinks it and restores the
-		 * callback (which waits for onlining to finish) before freeing it.
-		 */
-		rcu_read_unlock();
-		vmr_rs_online_pages(glue->rust, page_to_pfn(page), order);
-		return;
-	}
-	rcu_read_unlock();
-	/* Not ours (a DIMM, another driver): online it. */
-	generic_online_page(page, order);
+	return page_to_pfn((const struct page *)page);
 }
 
 static int vmr_memory_notifier_cb(struct notifier_block *nb, unsigned long action, void *arg)
@@ -360,16 +336,10 @@ int vmr_glue_hotplug_init(struct vmr_glue *glue, u64 addr, u64 size, int nid, u6
 		goto out_group;
 	glue->notifier_registered = true;
 
-	mutex_lock(&vmr_devices_mutex);
-	if (list_empty(&vmr_devices))
-		rc = set_online_page_callback(&vmr_online_page_cb);
-	if (!rc) {
-		list_add_rcu(&glue->next, &vmr_devices);
-		glue->on_device_list = true;
-	}
-	mutex_unlock(&vmr_devices_mutex);
+	rc = vmr_rs_serve_online_pages(glue->rust, addr, size);
 	if (rc)
 		goto out_notifier;
+	glue->on_device_list = true;
 	return glue->mgid;
 
 out_notifier:
@@ -400,12 +370,7 @@ static void vmr_glue_hotplug_exit(struct vmr_glue *glue)
 	const char *name;
 
 	if (glue->on_device_list) {
-		mutex_lock(&vmr_devices_mutex);
-		list_del_rcu(&glue->next);
-		if (list_empty(&vmr_devices))
-			restore_online_page_callback(&vmr_online_page_cb);
-		mutex_unlock(&vmr_devices_mutex);
-		synchronize_rcu();
+		vmr_rs_stop_serving_online_pages(glue->rust);
 		glue->on_device_list = false;
 	}
 	if (glue->notifier_registered) {
@@ -668,7 +633,6 @@ static int vmr_probe(struct virtio_device *vdev)
 	init_waitqueue_head(&glue->thread_wq);
 	timer_setup(&glue->retry_timer, vmr_retry_timer_fn, 0);
 	spin_lock_init(&glue->removal_lock);
-	INIT_LIST_HEAD(&glue->next);
 	vdev->priv = glue;
 
 	glue->vq = virtio_find_single_vq(vdev, vmr_vq_done, "guest-request");

@@ -29,7 +29,8 @@ enum vmr_mem_event {
 	VMR_CANCEL_OFFLINE,
 };
 enum vmr_mem_answer { VMR_NOTIFY_OK, VMR_NOTIFY_BAD, VMR_NOTIFY_DONE };
-void vmr_rs_online_pages(void *rust, unsigned long pfn, unsigned int order);
+int vmr_rs_serve_online_pages(void *rust, u64 addr, u64 size);
+void vmr_rs_stop_serving_online_pages(void *rust);
 
 /* Implemented in virtio_mem_glue.c, called from Rust (glue.rs declares the same). */
 struct vmr_raw_config;
@@ -46,6 +47,7 @@ int vmr_glue_node(struct vmr_glue *glue, u16 node_id, u64 addr);
 int vmr_glue_hotplug_init(struct vmr_glue *glue, u64 addr, u64 size, int nid, u64 unit_bytes);
 int vmr_glue_add_memory(struct vmr_glue *glue, u64 addr, u64 size);
 void vmr_glue_online_pages(unsigned long pfn, unsigned int order);
+unsigned long vmr_glue_page_to_pfn(const void *page);
 void vmr_glue_keep_fake_offline(unsigned long pfn, unsigned long nr_pages);
 void vmr_glue_fake_online(unsigned long pfn, unsigned long nr_pages);
 void vmr_glue_going_offline(unsigned long pfn, unsigned long nr_pages);
