@@ -245,6 +245,11 @@ impl<P: Platform> VirtioMem<P> {
         )
     }
 
+    /// The platform the device runs on.
+    pub(crate) fn platform(&self) -> &P {
+        &self.platform
+    }
+
     /// Takes the region for Linux: resource, memory group, notifier, online page callback.
     pub(crate) fn start(&self) -> Result {
         let g = &self.geo;

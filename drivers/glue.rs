@@ -5,7 +5,7 @@
 //! The glue owns the C objects (the virtio device and its queue, the worker thread, the memory
 //! notifier); the Rust state ([`VirtioMem`]) lives in an [`Arc`] whose raw pointer the glue
 //! keeps from probe to release. This file also keeps the devices the online page callback
-//! serves ([`DEVICES`]).
+//! serves ([`DEVICES`]) and the worker's retry timer ([`RetryTimer`]).
 //!
 //! # Invariants
 //!
@@ -22,7 +22,8 @@
 //! [`CALLBACK_OWNER`] → memory hotplug lock (`set_online_page_callback` and
 //! `restore_online_page_callback` take it) → [`DEVICES`] (the online page callback runs
 //! under it) → the device's mutex. [`DEVICES`] is never held while calling into mm or into a
-//! device.
+//! device. [`RetryTimer::armed`] is a leaf: nothing is called with it held but
+//! `hrtimer_start`.
 
 use crate::{
     config::{Limits, RawConfig},
@@ -37,9 +38,17 @@ use kernel::{
     device::Device,
     error::{from_result, to_result},
     ffi::{c_int, c_uint, c_ulong, c_void},
+    impl_has_hr_timer, new_mutex,
     page::{PAGE_SHIFT, PAGE_SIZE},
     prelude::*,
-    sync::{Arc, ArcBorrow},
+    sync::{Arc, ArcBorrow, Mutex},
+    time::{
+        hrtimer::{
+            ArcHrTimerHandle, HrTimer, HrTimerCallback, HrTimerCallbackContext, HrTimerPointer,
+            HrTimerRestart, RelativeMode,
+        },
+        Delta, Monotonic,
+    },
 };
 
 /// A device driven through the glue.
@@ -62,7 +71,7 @@ extern "C" {
         timeout_ms: c_uint,
         used_len: *mut u32,
     ) -> c_int;
-    fn vmr_glue_queue_work(glue: *mut RawGlue, delay_ms: c_uint);
+    fn vmr_glue_kick(glue: *mut RawGlue);
     fn vmr_glue_memory_block_size() -> u64;
     fn vmr_glue_pageblock_size() -> u64;
     fn vmr_glue_pluggable_range(start: *mut u64, end: *mut u64);
@@ -197,15 +206,120 @@ pub(crate) fn mm_limits() -> Limits {
     }
 }
 
-/// A handle on the glue of one device.
-#[derive(Clone, Copy)]
-pub(crate) struct Glue(NonNull<RawGlue>);
+/// The worker's retry timer: it kicks the worker thread after a delay.
+///
+/// The thread, its kick and its wait stay in the glue (`vmr_glue_kick`, `vmr_thread_fn`):
+/// a config change and this timer kick it in hard interrupt context, and 7.2's `kernel`
+/// crate has no lock that interrupt context may take, so a `CondVar`'s flag could only
+/// be set without the lock, and a kick between the thread's check and its sleep would be
+/// lost. `wait_event_freezable` sets the task state before it checks the flag, and
+/// `wake_up` may be called from any context.
+#[pin_data]
+pub(crate) struct RetryTimer {
+    #[pin]
+    timer: HrTimer<RetryTimer>,
+    /// The armed timer, if any (its handle holds a reference to `self`), and whether the
+    /// device is going away, after which it is never armed again.
+    #[pin]
+    armed: Mutex<(Option<ArcHrTimerHandle<RetryTimer>>, bool)>,
+    raw: RawPtr,
+}
 
-// SAFETY: the functions reachable through `Glue` may be called from any thread; the one
+impl_has_hr_timer! {
+    impl HasHrTimer<Self> for RetryTimer {
+        mode: RelativeMode<Monotonic>,
+        field: self.timer
+    }
+}
+
+impl HrTimerCallback for RetryTimer {
+    type Pointer<'a> = Arc<Self>;
+
+    /// Hard interrupt context.
+    fn run(this: ArcBorrow<'_, Self>, _ctx: HrTimerCallbackContext<'_, Self>) -> HrTimerRestart {
+        // SAFETY: `this.raw` is live: `RetryTimer::stop` cancels the timer before the glue
+        // frees it, and the timer is not armed again.
+        unsafe { vmr_glue_kick(this.raw.get()) };
+        HrTimerRestart::NoRestart
+    }
+}
+
+impl RetryTimer {
+    fn new(raw: RawPtr) -> Result<Arc<Self>> {
+        Arc::pin_init(
+            try_pin_init!(Self {
+                timer <- HrTimer::new(),
+                armed <- new_mutex!((None, false), "RetryTimer::armed"),
+                raw,
+            }),
+            GFP_KERNEL,
+        )
+    }
+
+    /// Kicks the worker in `delay_ms`, replacing an earlier delay, unless the device is going
+    /// away. Process context.
+    fn start(this: &Arc<Self>, delay_ms: u32) {
+        loop {
+            let earlier = {
+                let mut armed = this.armed.lock();
+                if armed.1 {
+                    return;
+                }
+                match armed.0.take() {
+                    None => {
+                        let delay = Delta::from_millis(delay_ms.into());
+                        armed.0 = Some(this.clone().start(delay));
+                        return;
+                    }
+                    Some(earlier) => earlier,
+                }
+            };
+            // Dropping the handle cancels the timer and waits for its callback: without the
+            // lock, and before the timer is armed again.
+            drop(earlier);
+        }
+    }
+
+    /// The device goes away: the timer is cancelled (its callback has run) and not armed
+    /// again. Process context.
+    fn stop(&self) {
+        let earlier = {
+            let mut armed = self.armed.lock();
+            armed.1 = true;
+            armed.0.take()
+        };
+        drop(earlier);
+    }
+}
+
+/// `struct vmr_glue`, by pointer.
+#[derive(Clone, Copy)]
+struct RawPtr(NonNull<RawGlue>);
+
+// SAFETY: the functions reachable through `RawPtr` may be called from any thread; the one
 // that may not run concurrently (a request) is only reachable through `Channel`.
-unsafe impl Send for Glue {}
+unsafe impl Send for RawPtr {}
 // SAFETY: as above.
-unsafe impl Sync for Glue {}
+unsafe impl Sync for RawPtr {}
+
+impl RawPtr {
+    fn get(self) -> *mut RawGlue {
+        self.0.as_ptr()
+    }
+}
+
+/// A handle on the glue of one device, and its worker's retry timer.
+pub(crate) struct Glue {
+    raw: RawPtr,
+    retry: Arc<RetryTimer>,
+}
+
+impl Drop for Glue {
+    /// An armed timer holds a reference to itself: cancel it (a no-op after removal).
+    fn drop(&mut self) {
+        self.retry.stop();
+    }
+}
 
 impl Platform for Glue {
     type Transport = Channel;
@@ -215,33 +329,37 @@ impl Platform for Glue {
     }
 
     fn node(&self, node_id: u16, addr: u64) -> i32 {
-        // SAFETY: `self.0` is live (type invariant).
-        unsafe { vmr_glue_node(self.0.as_ptr(), node_id, addr) }
+        // SAFETY: `self.raw` is live (type invariant).
+        unsafe { vmr_glue_node(self.raw.get(), node_id, addr) }
     }
 
     fn has_acpi_pxm(&self) -> bool {
-        // SAFETY: `self.0` is live (type invariant).
-        unsafe { vmr_glue_has_feature(self.0.as_ptr(), F_ACPI_PXM) }
+        // SAFETY: `self.raw` is live (type invariant).
+        unsafe { vmr_glue_has_feature(self.raw.get(), F_ACPI_PXM) }
     }
 
     /// Undone by the glue on remove.
     fn hotplug_init(&self, addr: u64, size: u64, nid: i32, unit: u64) -> Result {
-        // SAFETY: `self.0` is live (type invariant).
-        let rc = unsafe { vmr_glue_hotplug_init(self.0.as_ptr(), addr, size, nid, unit) };
+        // SAFETY: `self.raw` is live (type invariant).
+        let rc = unsafe { vmr_glue_hotplug_init(self.raw.get(), addr, size, nid, unit) };
         to_result(rc.min(0))
     }
 
     /// A no-op while removing.
     fn queue_work(&self, delay_ms: u32) {
-        // SAFETY: `self.0` is live (type invariant).
-        unsafe { vmr_glue_queue_work(self.0.as_ptr(), delay_ms) }
+        if delay_ms == 0 {
+            // SAFETY: `self.raw` is live (type invariant).
+            unsafe { vmr_glue_kick(self.raw.get()) }
+        } else {
+            RetryTimer::start(&self.retry, delay_ms);
+        }
     }
 
     /// As "System RAM (virtio_mem)". Must not be called with the device's mutex held:
     /// onlining (which may happen right away) takes it.
     fn add_memory(&self, addr: u64, size: u64) -> Result {
-        // SAFETY: `self.0` is live (type invariant); the range is the caller's plugged block.
-        to_result(unsafe { vmr_glue_add_memory(self.0.as_ptr(), addr, size) })
+        // SAFETY: `self.raw` is live (type invariant); the range is the caller's plugged block.
+        to_result(unsafe { vmr_glue_add_memory(self.raw.get(), addr, size) })
     }
 
     /// Must not be called with the device's mutex held: offlining calls the memory
@@ -277,9 +395,9 @@ impl Platform for Glue {
     }
 
     fn explain_busy(&self, pfn: u64, nr: u64) {
-        // SAFETY: `self.0` is live (type invariant); the caller passes pages of an online
+        // SAFETY: `self.raw` is live (type invariant); the caller passes pages of an online
         // block of the device (they have a memmap).
-        unsafe { vmr_glue_explain_busy(self.0.as_ptr(), pfn as c_ulong, nr as c_ulong) }
+        unsafe { vmr_glue_explain_busy(self.raw.get(), pfn as c_ulong, nr as c_ulong) }
     }
 
     fn online_pages(&self, pfn: u64, order: u32) {
@@ -320,20 +438,20 @@ impl Platform for Glue {
 }
 
 /// The device's request channel. Lives inside the device's mutex: one request at a time.
-pub(crate) struct Channel(Glue);
+pub(crate) struct Channel(RawPtr);
 
 impl Transport for Channel {
     fn read_config(&mut self) -> RawConfig {
         let mut cfg = RawConfig::default();
         // SAFETY: `self.0` is live; `cfg` is valid for writes and laid out as
         // `struct vmr_raw_config`.
-        unsafe { vmr_glue_read_config(self.0 .0.as_ptr(), &mut cfg) };
+        unsafe { vmr_glue_read_config(self.0.get(), &mut cfg) };
         cfg
     }
 
     fn needs_reset(&self) -> bool {
         // SAFETY: `self.0` is live (type invariant).
-        unsafe { vmr_glue_needs_reset(self.0 .0.as_ptr()) }
+        unsafe { vmr_glue_needs_reset(self.0.get()) }
     }
 
     fn request(
@@ -348,7 +466,7 @@ impl Transport for Channel {
         // (the glue checks them at build time), `len` is valid for writes.
         let rc = unsafe {
             vmr_glue_request(
-                self.0 .0.as_ptr(),
+                self.0.get(),
                 req.as_ptr().cast(),
                 resp.as_mut_ptr().cast(),
                 timeout_ms,
@@ -374,10 +492,11 @@ unsafe extern "C" fn vmr_rs_probe(
     out: *mut *const c_void,
 ) -> c_int {
     from_result(|| {
-        let glue = Glue(NonNull::new(glue).ok_or(EINVAL)?);
+        let raw = RawPtr(NonNull::new(glue).ok_or(EINVAL)?);
         // SAFETY: `dev` is the bound device, valid during probe (function safety).
         let dev = unsafe { Device::get_device(dev) };
-        let vm = VirtioMem::new(glue, Channel(glue), dev)?;
+        let retry = RetryTimer::new(raw)?;
+        let vm = VirtioMem::new(Glue { raw, retry }, Channel(raw), dev)?;
         let ptr = Arc::into_raw(vm.clone());
         // SAFETY: `out` is valid for writes (function safety). The glue keeps the pointer
         // before hotplug_init can call back with it.
@@ -489,6 +608,17 @@ unsafe extern "C" fn vmr_rs_serve_online_pages(rust: *const c_void, addr: u64, s
 #[no_mangle]
 extern "C" fn vmr_rs_stop_serving_online_pages(rust: *const c_void) {
     stop_serving_online_pages(rust);
+}
+
+/// Removal, before the worker thread stops: the retry timer is cancelled and not armed again.
+///
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe`, not yet released.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_stop_retry(rust: *const c_void) {
+    // SAFETY: function safety.
+    unsafe { borrow(rust) }.platform().retry.stop();
 }
 
 /// Remove: the work is cancelled and will not be queued again.

@@ -62,7 +62,8 @@ pub(crate) trait Platform: Send + Sync + Sized + 'static {
     /// Reserves the region and registers the memory group, the memory notifier and the
     /// online page callback.
     fn hotplug_init(&self, addr: u64, size: u64, nid: i32, unit: u64) -> Result;
-    /// Runs the worker after `delay_ms` (at once for 0). Any context.
+    /// Runs the worker after `delay_ms` (at once for 0), replacing an earlier delay; a no-op
+    /// once the device is going away. Process context (the worker, the memory notifier).
     fn queue_work(&self, delay_ms: u32);
     /// Adds a plugged memory block to Linux (driver-managed, in the memory group). May call
     /// back into the memory notifier and the online page callback.

@@ -4,8 +4,9 @@
  *
  * - the virtio driver (device and feature tables, probe/remove/config_changed, the
  *   virtqueue and the wait for a response, virtio_cread_le for the config);
- * - kernel callbacks that need a C object: the memory notifier, the worker thread and its
- *   retry timer;
+ * - kernel callbacks that need a C object: the memory notifier; the worker thread, its kick
+ *   and its wait (kicked in interrupt context: see vmr_glue_kick(); no kthread abstraction
+ *   in 7.2);
  * - page flag helpers and page_to_pfn() (inline functions, macros) and a few constants.
  *
  * The ABI towards Rust is opaque pointers and scalars, declared once on the Rust side in
@@ -28,7 +29,6 @@
 #include <linux/page-flags.h>
 #include <linux/scatterlist.h>
 #include <linux/slab.h>
-#include <linux/timer.h>
 #include <linux/virtio.h>
 #include <linux/virtio_config.h>
 #include <linux/wait.h>
@@ -57,14 +57,12 @@ struct vmr_glue {
 	 * The worker: a freezable kthread of the device's own, created at probe, so that
 	 * (un)plugging never occupies a workqueue pool's worker. A busy pool spawns a new
 	 * kworker, whose stack then lands in the memory just added and pins it for good.
-	 * `kick` asks it to run; `retry_timer` kicks it after a delay.
+	 * `kick` asks it to run (glue.rs's retry timer kicks it after a delay).
 	 */
 	struct task_struct *thread;
 	wait_queue_head_t thread_wq;
 	bool kick;
-	struct timer_list retry_timer;
-	/* Set under removal_lock before stopping the worker: nothing kicks it any more. */
-	spinlock_t removal_lock;
+	/* Set before stopping the worker: nothing kicks it, no request waits any more. */
 	bool removing;
 
 	struct notifier_block memory_notifier;
@@ -245,28 +243,18 @@ int vmr_glue_request(struct vmr_glue *glue, const void *req, void *resp,
 	return 0;
 }
 
-static void vmr_kick(struct vmr_glue *glue)
+/*
+ * Asks the worker for a round, unless the device is going away. Any context: a config
+ * change and glue.rs's retry timer kick it in interrupt context, where no lock of Rust's
+ * may be taken. wait_event_freezable() sets the task state before it checks `kick`, so no
+ * kick is lost; a kick that races with remove wakes a thread that is stopping.
+ */
+void vmr_glue_kick(struct vmr_glue *glue)
 {
+	if (READ_ONCE(glue->removing))
+		return;
 	WRITE_ONCE(glue->kick, true);
 	wake_up(&glue->thread_wq);
-}
-
-/*
- * Runs the worker at once (delay_ms 0) or after delay_ms (replacing an earlier delay),
- * unless the device is going away. Any context.
- */
-void vmr_glue_queue_work(struct vmr_glue *glue, unsigned int delay_ms)
-{
-	unsigned long flags;
-
-	spin_lock_irqsave(&glue->removal_lock, flags);
-	if (!glue->removing) {
-		if (delay_ms)
-			mod_timer(&glue->retry_timer, jiffies + msecs_to_jiffies(delay_ms));
-		else
-			vmr_kick(glue);
-	}
-	spin_unlock_irqrestore(&glue->removal_lock, flags);
 }
 
 u64 vmr_glue_memory_block_size(void)
@@ -583,13 +571,6 @@ static void vmr_vq_done(struct virtqueue *vq)
 	wake_up(&glue->host_resp);
 }
 
-static void vmr_retry_timer_fn(struct timer_list *t)
-{
-	struct vmr_glue *glue = timer_container_of(glue, t, retry_timer);
-
-	vmr_kick(glue);
-}
-
 static int vmr_thread_fn(void *data)
 {
 	struct vmr_glue *glue = data;
@@ -631,8 +612,6 @@ static int vmr_probe(struct virtio_device *vdev)
 	glue->mgid = -1;
 	init_waitqueue_head(&glue->host_resp);
 	init_waitqueue_head(&glue->thread_wq);
-	timer_setup(&glue->retry_timer, vmr_retry_timer_fn, 0);
-	spin_lock_init(&glue->removal_lock);
 	vdev->priv = glue;
 
 	glue->vq = virtio_find_single_vq(vdev, vmr_vq_done, "guest-request");
@@ -649,6 +628,8 @@ static int vmr_probe(struct virtio_device *vdev)
 	if (IS_ERR(glue->thread)) {
 		rc = PTR_ERR(glue->thread);
 		dev_err(&vdev->dev, "cannot start the worker thread: %d\n", rc);
+		WRITE_ONCE(glue->removing, true);
+		vmr_rs_stop_retry(glue->rust);
 		vmr_rs_remove(glue->rust);
 		vmr_glue_hotplug_exit(glue);
 		vmr_rs_release(glue->rust);
@@ -656,7 +637,7 @@ static int vmr_probe(struct virtio_device *vdev)
 	}
 
 	virtio_device_ready(vdev);
-	vmr_glue_queue_work(glue, 0);
+	vmr_glue_kick(glue);
 	return 0;
 
 out_reset:
@@ -673,12 +654,10 @@ static void vmr_remove(struct virtio_device *vdev)
 {
 	struct vmr_glue *glue = vdev->priv;
 
-	spin_lock_irq(&glue->removal_lock);
-	glue->removing = true;
-	spin_unlock_irq(&glue->removal_lock);
+	WRITE_ONCE(glue->removing, true);
 	/* A worker waiting for the device wakes up and gives up. */
 	wake_up(&glue->host_resp);
-	timer_delete_sync(&glue->retry_timer);
+	vmr_rs_stop_retry(glue->rust);
 	kthread_stop(glue->thread);
 
 	vmr_rs_remove(glue->rust);
@@ -696,13 +675,13 @@ static void vmr_config_changed(struct virtio_device *vdev)
 	struct vmr_glue *glue = vdev->priv;
 
 	/*
-	 * May run in interrupt context: note it and queue the work, nothing else. A device
+	 * May run in interrupt context: note it and kick the worker, nothing else. A device
 	 * that needs a reset answers no request: a worker waiting for one stops waiting.
 	 */
 	if (vmr_glue_needs_reset(glue))
 		wake_up(&glue->host_resp);
 	vmr_rs_config_changed(glue->rust);
-	vmr_glue_queue_work(glue, 0);
+	vmr_glue_kick(glue);
 }
 
 static unsigned int vmr_features[] = {

@@ -17,6 +17,7 @@ void vmr_rs_remove(void *rust);
 void vmr_rs_release(void *rust);
 void vmr_rs_config_changed(void *rust);
 void vmr_rs_work(void *rust);
+void vmr_rs_stop_retry(void *rust);
 int vmr_rs_memory_event(void *rust, unsigned int event, u64 start, u64 size, bool movable);
 
 /* Memory notifier events and answers as the Rust side sees them (glue.rs mirrors these). */
@@ -39,7 +40,7 @@ bool vmr_glue_has_feature(struct vmr_glue *glue, unsigned int fbit);
 bool vmr_glue_needs_reset(struct vmr_glue *glue);
 int vmr_glue_request(struct vmr_glue *glue, const void *req, void *resp,
 		     unsigned int timeout_ms, u32 *used_len);
-void vmr_glue_queue_work(struct vmr_glue *glue, unsigned int delay_ms);
+void vmr_glue_kick(struct vmr_glue *glue);
 u64 vmr_glue_memory_block_size(void);
 u64 vmr_glue_pageblock_size(void);
 void vmr_glue_pluggable_range(u64 *start, u64 *end);
