@@ -2344,7 +2344,9 @@ fn case() -> impl Strategy<Value = Case> {
 fn case_with(len: std::ops::Range<usize>) -> impl Strategy<Value = Case> {
     let geometry = (
         27u32..=30,
-        1u32..=4,
+        // 2 to 16 subblocks a memory block, now and then 128: a bitmap of more than one
+        // word (large memory blocks, 2 GiB on big x86 machines, hold 1024).
+        prop::sample::select(vec![1u32, 2, 3, 4, 1, 2, 3, 4, 7]),
         0u32..=2,
         prop::sample::select(vec![0u32, 0, 1, 2, 14, 15]),
         0u32..=2,
