@@ -441,8 +441,8 @@ enum Op {
     Online(usize, bool),
     /// Core mm offlines block `mb`.
     Offline(usize),
-    /// The usable region changes.
-    Usable(usize),
+    /// The usable region changes: whole blocks, and subblocks of the next one.
+    Usable(usize, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -452,7 +452,7 @@ fn op() -> impl Strategy<Value = Op> {
         ((1usize..300), any::<u64>()).prop_map(|(n, b)| Op::Unplug(n, b)),
         ((0usize..8), any::<bool>()).prop_map(|(m, z)| Op::Online(m, z)),
         (0usize..8).prop_map(Op::Offline),
-        (0usize..=8).prop_map(Op::Usable),
+        (0usize..=8, 0..SBS).prop_map(|(u, tail)| Op::Usable(u, tail)),
     ]
 }
 
@@ -464,6 +464,8 @@ struct Model {
     added: Vec<bool>,
     online: Vec<bool>,
     usable: usize,
+    /// Usable subblocks of block `usable`.
+    tail: usize,
 }
 
 fn check(sbm: &Sbm<Vec<u64>>, m: &Model) -> Result<(), TestCaseError> {
@@ -513,18 +515,30 @@ proptest! {
             added: vec![false; NR_MBS],
             online: vec![false; NR_MBS],
             usable: NR_MBS,
+            tail: 0,
         };
         sbm.set_usable_mbs(NR_MBS);
         let mut add_fails = false;
         for op in ops {
             match op {
-                Op::Usable(u) => { sbm.set_usable_mbs(u); m.usable = u; }
+                Op::Usable(u, tail) => {
+                    sbm.set_usable_mbs(u);
+                    sbm.set_usable_tail(tail);
+                    m.usable = u;
+                    m.tail = if u < NR_MBS { tail } else { 0 };
+                }
                 Op::AddFails => add_fails = true,
                 Op::Plug(mut n) => {
                     while let Some(step) = sbm.next_plug(n) {
                         match step {
                             PlugStep::Added { mb, first, count } => {
                                 prop_assert!(m.added[mb] && count >= 1 && count <= n);
+                                let room = match mb.cmp(&m.usable) {
+                                    core::cmp::Ordering::Less => SBS,
+                                    core::cmp::Ordering::Equal => m.tail,
+                                    core::cmp::Ordering::Greater => 0,
+                                };
+                                prop_assert!(first + count <= room, "plugs {}..{} of block {} beyond the usable end", first, first + count, mb);
                                 for sb in first..first + count {
                                     prop_assert!(!m.plugged[mb][sb], "plugs a plugged subblock");
                                     m.plugged[mb][sb] = true;
