@@ -188,6 +188,33 @@ fn exact_blocks_and_the_usable_tail() {
     assert_eq!(geo.usable_tail(8 * GIB + 64 * MIB), 0);
 }
 
+/// A block left plugged but not added (adding failed, and so did the undo) is forgotten only
+/// once all of it is unplugged: an UNPLUG with nothing done (BUSY, NACK) or one that gave
+/// back only part of it leaves it pending with what is still plugged, or the device would
+/// keep memory Linux no longer knows of and a later PLUG of the block would meet plugged
+/// subblocks. (Both checks survived `make mutants-host` before this test.)
+#[test]
+fn pending_block_stays_pending_until_empty() {
+    let words = Sbm::<Vec<u64>>::words_needed(2, 8).unwrap();
+    let mut sbm = Sbm::new(vec![0u64; words], 2, 8).unwrap();
+    sbm.set_usable_mbs(2);
+    sbm.plugged_new(0, 8);
+    sbm.add_failed(0, false);
+    assert_eq!(sbm.state(0), MbState::Plugged);
+    assert_eq!(sbm.next_pending(), Some((0, 0, 8)));
+    // Nothing done: still pending, and not empty.
+    assert!(!sbm.unplugged(0, 0, 0));
+    assert_eq!(sbm.next_pending(), Some((0, 0, 8)));
+    // The upper half given back: the lower half is still pending.
+    assert!(!sbm.unplugged(0, 4, 4));
+    assert_eq!(sbm.state(0), MbState::Plugged);
+    assert_eq!(sbm.next_pending(), Some((0, 0, 4)));
+    // The rest: the block is unused again, nothing pending.
+    assert!(sbm.unplugged(0, 0, 4));
+    assert_eq!(sbm.state(0), MbState::Unused);
+    assert_eq!(sbm.next_pending(), None);
+}
+
 #[test]
 fn runtime_changes_of_fixed_fields_are_refused() {
     let geo = Geometry::new(&qemu(), &limits()).unwrap();
