@@ -66,7 +66,8 @@ test: kernels initramfs
 	vm-scripts/test-all
 
 # Removes each validation of the driver in turn; a test must notice (about 30 minutes).
-mutants: kernels
+mutants: setup initramfs
+	vm-scripts/build-kernel tiny
 	$(PY) vm-scripts/mutants
 
 # cargo-mutants over drivers/*.rs as the host tests compile them; the host tests judge

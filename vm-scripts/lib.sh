@@ -19,10 +19,19 @@ LIBCLANG_PIN=18.1.1
 QEMU_QMP_PIN=0.0.6
 PYTEST_PIN=8.3.5
 
+# Debian's own cloud kernel of that source: its configuration is the rust kernel's base; the
+# kernel binary and its virtio_mem.ko are the C driver's reference, exactly as users run it.
+DEBIAN_FLAVOUR=cloud-amd64
+DEBIAN_KABI=7.2.12+deb13-$DEBIAN_FLAVOUR
+
 KSRC=$CACHE/linux-$LINUX_SERIES
-KBUILD_RUST=$CACHE/kbuild-rust
-KBUILD_UPSTREAM=$CACHE/kbuild-upstream
+# Debian's configuration (linux-config-$LINUX_SERIES) and kernel (linux-binary, linux-modules).
+DEBIAN_KERNEL=$CACHE/debian-kernel
+DEBIAN_CONFIG=$DEBIAN_KERNEL/config.amd64_none_$DEBIAN_FLAVOUR
+KBUILD_RUST=$CACHE/kbuild-debian-rust
 KBUILD_DEBUG=$CACHE/kbuild-debug
+# The small kernel with the C driver built in (make mutants loads the driver into it).
+KBUILD_TINY=$CACHE/kbuild-upstream
 VENV=$CACHE/venv
 JOBS=${JOBS:-$(( $(nproc) + 1 ))}
 

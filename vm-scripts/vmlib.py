@@ -26,13 +26,20 @@ REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build"
 CACHE = Path(os.environ.get("VMR_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "virtio-mem-rust"))
 
+# rust: Debian's cloud config with this driver built in; upstream: Debian's own cloud kernel
+# with its virtio_mem.ko; debug: the small debug kernel; tiny: the small kernel with the C
+# driver built in (make mutants). See vm-scripts/build-kernel.
 KERNELS = {"rust": BUILD / "bzImage", "upstream": BUILD / "bzImage-upstream",
-           "debug": BUILD / "bzImage-debug"}
-DRIVERS = {"rust": "virtio_mem_rust", "upstream": "virtio_mem", "debug": "virtio_mem_rust"}
+           "debug": BUILD / "bzImage-debug", "tiny": BUILD / "bzImage-tiny"}
+DRIVERS = {"rust": "virtio_mem_rust", "upstream": "virtio_mem", "debug": "virtio_mem_rust",
+           "tiny": "virtio_mem"}
 # Kernel command line of each kernel, before the caller's. The debug kernel (lockdep,
 # DEBUG_VM, DEBUG_ATOMIC_SLEEP, KFENCE, PAGE_OWNER; vm-scripts/debug.config) panics on any
-# WARN, KFENCE report included, and records the owner of every page.
-KERNEL_APPEND = {"debug": "panic_on_warn=1 page_owner=on"}
+# WARN, KFENCE report included, and records the owner of every page. Debian's kernel loads
+# its C driver from the initramfs (KERNEL_FILES) as soon as init starts.
+KERNEL_APPEND = {"debug": "panic_on_warn=1 page_owner=on", "upstream": "vmr.insmod=1"}
+# Files a kernel needs in the initramfs: path inside it -> file on the host.
+KERNEL_FILES = {"upstream": {"lib/vmr/virtio_mem.ko": BUILD / "upstream" / "virtio_mem.ko"}}
 # How much slower a kernel is than the rust kernel under TCG: every timeout of a Vm is
 # multiplied by it. Measured on 2 host cores: the debug kernel boots in 7-9 s (rust: 3 s),
 # grows 0 -> 4G in 2.2 s (0.2 s), shrinks 4G -> 0 in 2.3-5 s (0.3-1.2 s), writes 1.5 GiB
@@ -137,9 +144,11 @@ class Vm:
             if not f.exists():
                 raise FileNotFoundError(f"{f} is missing: run `make kernels initramfs` first")
         initrd = BUILD / "initramfs.cpio.gz"
-        if self.extra_files:
+        extra = {k: v.read_bytes() for k, v in KERNEL_FILES.get(self.name, {}).items()}
+        extra.update(self.extra_files)
+        if extra:
             initrd = self.dir / "initramfs.cpio.gz"
-            initrd.write_bytes((BUILD / "initramfs.cpio.gz").read_bytes() + cpio_newc(self.extra_files))
+            initrd.write_bytes((BUILD / "initramfs.cpio.gz").read_bytes() + cpio_newc(extra))
         dev = f"virtio-mem-pci,id=vm0,memdev=mem0,requested-size={self.requested}"
         if self.block_size:
             dev += f",block-size={self.block_size}"

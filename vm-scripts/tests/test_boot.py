@@ -104,22 +104,24 @@ def test_boot_with_memory_requested(boot):
 
 
 def test_out_of_tree_module(boot, tmp_path):
-    """The driver built with `make -C <kernel build dir> M=<dir>` loads into the reference
-    kernel (whose built-in C driver is kept from starting) and plugs memory."""
+    """The driver built with `make -C <kernel build dir> M=<dir>` against the rust kernel's
+    tree (Debian's config) loads into that kernel (whose built-in copy of the driver is kept
+    from starting) and plugs memory."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("Kbuild", "Kconfig", "drivers", "include-uapi"):
         p = REPO / name
         (shutil.copytree if p.is_dir() else shutil.copy)(p, src / name)
-    kbuild = CACHE / "kbuild-upstream"
+    kbuild = CACHE / "kbuild-debian-rust"
     env_script = f". {REPO}/vm-scripts/lib.sh && rust_env && make -s -C {kbuild} M={src}"
     r = subprocess.run(["bash", "-c", env_script], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not re.search(r"warning|error", r.stdout + r.stderr, re.I), r.stdout + r.stderr
     ko = (src / "virtio_mem_rust.ko").read_bytes()
-    vm = boot("upstream", append="initcall_blacklist=virtio_mem_driver_init vmr.insmod=1",
+    vm = boot("rust", append="initcall_blacklist=__virtio_mem_rust_init vmr.insmod=1",
               extra_files={"lib/vmr/virtio_mem_rust.ko": ko})
     assert "virtio_mem_rust" in vm.run("cat /proc/modules")
+    assert "blacklisting initcall __virtio_mem_rust_init" in vm.dmesg()
     base = vm.memtotal()
     vm.set_requested("2G")
     vm.wait_size("2G")
