@@ -426,8 +426,8 @@ impl<P: Platform> VirtioMem<P> {
             return false;
         }
         let end = (addr & !(unit - 1)).saturating_add(unit).min(usable_end);
-        // At most a page's worth of device blocks.
-        let nb = ((end - start) / geo.device_block_size) as u16;
+        // At most a page's worth of device blocks (a power of two: shifts, no division).
+        let nb = ((end - start) >> geo.device_block_size.trailing_zeros()) as u16;
         let ram = self.state(&mut g, start, nb) == Some(BlockState::Plugged);
         g.last_state = Some((start, ram));
         ram
@@ -478,7 +478,7 @@ impl<P: Platform> VirtioMem<P> {
                 size >>= 1;
             }
             let plugged = loop {
-                let nb = (size / bs) as u16;
+                let nb = (size >> bs.trailing_zeros()) as u16;
                 match self.state(&mut g, pos, nb) {
                     None => {
                         dev_err!(

@@ -1142,11 +1142,14 @@ mod sleep_suite {
     #[test]
     fn suspend_with_nothing_plugged_then_resize() -> Result {
         let mut f = probe(c"vmr-kunit-freeze-empty", qemu_config(), |_| {})?;
+        f.vm.run();
         f.vm.freeze(false)?;
         assert!(f.vm.view(|v| v.frozen));
-        // While frozen (no queue): a config change, a kick of the worker: nothing is sent,
-        // and the device is not given up on.
-        f.resize(256 * MIB);
+        // The device changes while the guest sleeps (no notification reaches the driver),
+        // and the worker is kicked (its retry timer): nothing is sent to the frozen device
+        // (no queue), and it is not given up on.
+        f.with(|s| s.cfg.requested_size = 256 * MIB);
+        f.vm.run();
         let s = f.snap();
         assert_eq!(s.requests, 0);
         assert!(!s.broken);

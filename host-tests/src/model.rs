@@ -57,8 +57,9 @@
 //! added while the offline threshold is reached; every page of an onlined block is either
 //! onlined or kept fake-offline; a round asked to freeze stops within the step it is in
 //! (at most the requests of one memory block's run and its undo), no request reaches a
-//! frozen device, and sleep is refused exactly when memory is plugged that the device
-//! would not keep (and allowed when nothing is).
+//! frozen device, and sleep is refused when memory is plugged that the device would not
+//! keep (and allowed when nothing is, unless a request got ERROR, an invalid answer or
+//! none: the driver then takes its range as of unknown state).
 //!
 //! A failing case is kept in `proptest-regressions/` and replayed first by every later
 //! run; every run prints its seed (`VMR_HOST_SEED=<hex>` replays the whole run).
@@ -1895,9 +1896,14 @@ impl Sim {
         self.check("after freeze");
         let mut w = self.w();
         w.read_log();
-        // Memory the device has, or may have (a request without a valid answer).
+        // Memory the device has, or may have: the driver takes the range of a request
+        // answered ERROR, invalid or not at all as of unknown state (as at unbind).
         let plugged = w.dev.size() != 0;
-        let maybe = plugged || w.told_plugged != 0 || w.unplug_all_pending || w.lost;
+        let maybe = plugged
+            || w.told_plugged != 0
+            || w.unplug_all_pending
+            || w.lost
+            || !w.unknown.is_empty();
         let keeps = to_idle || w.persistent_suspend;
         match res {
             Err(e) if e != EPERM => fail!(w, "freeze failed with {e:?}"),
