@@ -321,11 +321,9 @@ impl<P: Platform> VirtioMem<P> {
     }
 
     /// The config changed. May run in interrupt context: only note it (the glue queues
-    /// the worker). Ignored in a crash kernel.
+    /// the worker, which ignores it in a crash kernel).
     pub(crate) fn config_changed(&self) {
-        if !self.kdump {
-            self.config_changed.store(true, Ordering::Release);
-        }
+        self.config_changed.store(true, Ordering::Release);
     }
 
     /// System sleep begins (the virtio core's `freeze`). The worker is frozen already or
@@ -1279,9 +1277,6 @@ impl<P: Platform> VirtioMem<P> {
     /// `virtio_mem_cleanup_pending_mb` does: plugging starts over from unused blocks.
     fn unplug_pending(&self, g: &mut Inner<P::Transport>) -> Result<(), Stop> {
         loop {
-            if self.platform.freezing() {
-                return Err(Stop::Freezing);
-            }
             let Mode::Sbm(sbm) = &g.mode;
             let Some((mb, first, count)) = sbm.next_pending() else {
                 return Ok(());

@@ -165,9 +165,11 @@ pub(crate) struct State {
     /// A crash kernel, and whether it has `/proc/vmcore`.
     pub(crate) kdump: bool,
     pub(crate) vmcore: bool,
-    /// The worker is asked to freeze; or it will be once this many requests were received.
+    /// The worker is asked to freeze; or it will be once this many requests were received,
+    /// or this many fake-offline tries made.
     pub(crate) freezing: bool,
     pub(crate) freeze_after_requests: Option<usize>,
+    pub(crate) freeze_after_tries: Option<u32>,
     /// Times the worker asked whether it must freeze.
     pub(crate) freezing_asked: u32,
     /// Calls of `hotplug_init`.
@@ -376,6 +378,7 @@ pub(crate) fn new_mock(cfg: RawConfig) -> Result<(MockPlatform, MockTransport)> 
         vmcore: true,
         freezing: false,
         freeze_after_requests: None,
+        freeze_after_tries: None,
         freezing_asked: 0,
         hotplug_inits: 0,
     };
@@ -517,8 +520,10 @@ impl Platform for MockPlatform {
     fn freezing(&self) -> bool {
         let mut s = self.0.state.lock();
         s.freezing_asked += 1;
-        let after = s.freeze_after_requests;
-        if after.is_some_and(|n| s.requests.len() >= n) {
+        let (after, tries) = (s.freeze_after_requests, s.freeze_after_tries);
+        if after.is_some_and(|n| s.requests.len() >= n)
+            || tries.is_some_and(|n| s.fake_offline_tries >= n)
+        {
             s.freezing = true;
         }
         s.freezing

@@ -1187,6 +1187,25 @@ mod sleep_suite {
         assert_eq!(s.removed, 3);
         assert_eq!(s.invalid, 0);
         assert_eq!(s.violations, 0);
+        // Memory left by a kexec, the guest suspended before the first round: the kicked
+        // worker sends nothing to the frozen device, not even UNPLUG_ALL; after restore,
+        // UNPLUG_ALL, then the requested size.
+        let cfg = RawConfig {
+            requested_size: 128 * MIB,
+            ..qemu_config()
+        };
+        let f = probe(c"vmr-kunit-freeze-persistent-kexec", cfg, |s| {
+            s.persistent_suspend = true;
+            s.plug_device(cfg.addr, 256 * MIB);
+        })?;
+        f.vm.freeze(false)?;
+        f.vm.run();
+        assert_eq!(f.snap().requests, 0);
+        f.restore();
+        let s = f.snap();
+        assert_eq!(s.unplug_alls, 1);
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.invalid, 0);
         Ok(())
     }
 
@@ -1284,6 +1303,64 @@ mod sleep_suite {
         f.with(|s| s.freezing = false);
         f.vm.run();
         assert_eq!(f.snap().device, 256 * MIB);
+        // Memory left by a kexec: not even UNPLUG_ALL goes out once the freezer asked.
+        let f = probe(c"vmr-kunit-freeze-before-kexec", qemu_config(), |s| {
+            s.plug_device(qemu_config().addr, 64 * MIB);
+            s.freezing = true;
+        })?;
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.requests, 0);
+        assert_eq!(s.last_delay, Some(0));
+        f.with(|s| s.freezing = false);
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.unplug_alls, 1);
+        assert_eq!(s.device, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn freezer_stops_between_tries_and_runs_of_a_block() -> Result {
+        // ZONE_MOVABLE: five tries to free a busy range; the freezer asks after the first.
+        let mut f = probe(c"vmr-kunit-freeze-tries", qemu_config(), |s| {
+            s.movable = true
+        })?;
+        let before = f.grow_online(128 * MIB)?;
+        f.with(|s| {
+            s.fail_fake_offline = u32::MAX;
+            s.freeze_after_tries = Some(1);
+        });
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(f.mock.state.lock().fake_offline_tries, 1);
+        assert_eq!(s.unplugs, before.unplugs);
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.buddy, before.buddy);
+        assert_eq!(s.last_delay, Some(0));
+        // A busy block is given back in halves: the freezer asks after the first half's
+        // UNPLUG, the second waits for the next round.
+        let mut f = probe(c"vmr-kunit-freeze-halves", qemu_config(), |_| {})?;
+        let before = f.grow_online(128 * MIB)?;
+        f.with(|s| {
+            s.fail_fake_offline = 1;
+            s.freeze_after_requests = Some(before.requests + 1);
+        });
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(s.unplugs, before.unplugs + 1);
+        assert_eq!(s.device, 64 * MIB);
+        assert_eq!(s.driver, 64 * MIB);
+        assert_eq!(s.held, 0);
+        assert_eq!(s.last_delay, Some(0));
+        f.with(|s| {
+            s.freezing = false;
+            s.freeze_after_requests = None;
+        });
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.device, 0);
+        assert_eq!(s.violations, 0);
         Ok(())
     }
 

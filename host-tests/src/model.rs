@@ -57,9 +57,10 @@
 //! added while the offline threshold is reached; every page of an onlined block is either
 //! onlined or kept fake-offline; a round asked to freeze stops within the step it is in
 //! (at most the requests of one memory block's run and its undo), no request reaches a
-//! frozen device, and sleep is refused when memory is plugged that the device would not
-//! keep (and allowed when nothing is, unless a request got ERROR, an invalid answer or
-//! none: the driver then takes its range as of unknown state).
+//! frozen device (also one frozen while the worker's lock is free), and sleep is refused
+//! when memory is plugged that the device would not keep (and allowed when nothing is,
+//! unless a request got ERROR, an invalid answer or none: the driver then takes its range
+//! as of unknown state).
 //!
 //! A failing case is kept in `proptest-regressions/` and replayed first by every later
 //! run; every run prints its seed (`VMR_HOST_SEED=<hex>` replays the whole run).
@@ -429,6 +430,7 @@ stats!(
     suspend_refused,
     frozen_with_memory,
     round_stopped_for_sleep,
+    frozen_behind_the_worker,
     refused_after_unbind,
     shrink_refused,
     waits_after_nack,
@@ -530,6 +532,8 @@ struct World {
     requests_while_freezing: u64,
     /// Between the device's freeze and restore: it has no queue.
     frozen: bool,
+    /// Frozen while the worker's lock was free: restored after the run.
+    restore_after_run: bool,
     /// Every line the driver logged, in order.
     logged: Vec<String>,
     trace: VecDeque<String>,
@@ -1718,6 +1722,28 @@ impl Sim {
     fn lock_dropped(&self, what: &str) {
         self.check(what);
         self.concurrent();
+        self.frozen_behind_the_worker();
+    }
+
+    /// The device is frozen (to idle: always allowed) while the worker has dropped its
+    /// lock, as if the freezer had not waited for it: the round must send nothing more.
+    /// Restored after the run.
+    fn frozen_behind_the_worker(&self) {
+        {
+            let mut w = self.w();
+            if w.frozen || w.unbinding || w.tape.front().is_none_or(|&b| b < 250) {
+                return;
+            }
+            w.byte();
+            w.stats.frozen_behind_the_worker += 1;
+            trace!(w, "device frozen while the worker's lock is free");
+        }
+        if let Err(e) = self.vm().freeze(true) {
+            fail!(self.w(), "freeze to idle failed: {e:?}");
+        }
+        let mut w = self.w();
+        w.frozen = true;
+        w.restore_after_run = true;
     }
 
     // ---- the script ----
@@ -1745,6 +1771,12 @@ impl Sim {
         self.w().driver_took_lock();
         self.check("after a run");
         self.w().tape = saved;
+        if std::mem::take(&mut self.w().restore_after_run) {
+            self.w().frozen = false;
+            self.vm().restore();
+            self.w().kick = true;
+            trace!(self.w(), "device restored");
+        }
     }
 
     /// The first block from `from` on (wrapping around) for which `want` holds.
@@ -2418,6 +2450,7 @@ fn probe_unstarted(case: &Case, faults: Faults) -> Sim {
         freezing: false,
         requests_while_freezing: 0,
         frozen: false,
+        restore_after_run: false,
         logged: Vec::new(),
         trace: VecDeque::new(),
         trace_cap: 80,
