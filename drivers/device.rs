@@ -1200,6 +1200,8 @@ impl<P: Platform> VirtioMem<P> {
         // The guest could not spare all that was asked (what it had then).
         let mut pressure = None;
         loop {
+            // Between steps (a block emptied is removed first). Within an online block,
+            // `fake_offline` looks before each run is taken.
             if self.platform.freezing() {
                 return (g, Err(Stop::Freezing));
             }
@@ -1247,10 +1249,6 @@ impl<P: Platform> VirtioMem<P> {
                         let Some((first, count)) = cursor.next(sbm, mb, spare) else {
                             break;
                         };
-                        // Between requests (a block done is removed first).
-                        if self.platform.freezing() {
-                            return (g, Err(Stop::Freezing));
-                        }
                         match self.unplug_online(&mut g, mb, first, count) {
                             // Busy memory: smaller runs of it come next. A busy device
                             // ends the round.
