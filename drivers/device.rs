@@ -514,8 +514,9 @@ impl<P: Platform> VirtioMem<P> {
     /// can be removed: offline blocks with unplugged subblocks (without the online page
     /// callback, onlining them would hand unplugged memory to the kernel), the offline
     /// block whose last request got no valid answer (for the same reason: subblocks marked
-    /// plugged may not be), and emptied blocks. What stays added stays safe: online memory
-    /// keeps its fake-offline pages.
+    /// plugged may not be), and emptied blocks, but not an online one whose last request got
+    /// no valid answer (the device may have plugged what looks empty). What stays added
+    /// stays safe: online memory keeps its fake-offline pages.
     ///
     /// The glue has cancelled the worker already. `removing` is set last: until then the
     /// memory notifier must let this removal offline its own blocks.
@@ -525,11 +526,22 @@ impl<P: Platform> VirtioMem<P> {
         let unknown = g
             .unknown_mb
             .filter(|&mb| matches!(sbm.state(mb), MbState::Offline | MbState::OfflinePartial));
+        // An online block of unknown state stays: the device may have plugged what looks
+        // empty here, and its fake-offline pages keep it from being offlined.
+        let unknown_online = g.unknown_mb.filter(|&mb| sbm.state(mb).is_online());
+        if let Some(mb) = unknown_online {
+            dev_warn!(
+                self.dev,
+                "memory block {:#x}, online, of unknown state in the device, stays added \
+                 after removal, its pages not known to be plugged fake-offline\n",
+                self.geo.mb_addr(mb)
+            );
+        }
         let (mut g, _) = self.remove_blocks(
             g,
             |sbm, mb| {
                 sbm.state(mb) == MbState::OfflinePartial
-                    || sbm.is_empty_added(mb)
+                    || (sbm.is_empty_added(mb) && unknown_online != Some(mb))
                     || unknown == Some(mb)
             },
             |mb| {

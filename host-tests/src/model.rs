@@ -2587,7 +2587,9 @@ fn case() -> impl Strategy<Value = Case> {
 fn case_with(len: std::ops::Range<usize>) -> impl Strategy<Value = Case> {
     let geometry = (
         27u32..=30,
-        1u32..=4,
+        // 2 to 16 subblocks a memory block, now and then 128: a bitmap of more than one
+        // word (large memory blocks, 2 GiB on big x86 machines, hold 1024).
+        prop::sample::select(vec![1u32, 2, 3, 4, 1, 2, 3, 4, 7]),
         0u32..=2,
         prop::sample::select(vec![0u32, 0, 1, 2, 14, 15]),
         0u32..=2,
@@ -2985,6 +2987,40 @@ fn unbind_tells_what_goes_and_what_stays() {
         assert!(told("removed with 0x8000000 still plugged"), "{logged:#?}");
         w.finish();
     }
+}
+
+/// Once the device is unbound, the notifier refuses to online or offline its blocks and the
+/// log names each block's state. (`MbState::name` survived `make mutants-host` before this
+/// test.)
+#[test]
+fn unbound_device_refuses_hotplug_naming_the_state() {
+    let w = booted(small());
+    w.resize_to(2 * MB);
+    w.wake(vec![]);
+    // Both blocks added offline (offline policy); the user onlines the first.
+    assert!(w.k_online(0, false, Refuse::No, None));
+    assert_eq!(w.state(0), MbState::Kernel);
+    assert_eq!(w.state(1), MbState::Offline);
+    w.w().unbinding = true;
+    w.vm().remove();
+    w.w().driver_took_lock();
+    assert_eq!(
+        w.notify(MemEvent::GoingOffline, 0, false),
+        NotifyAnswer::Bad
+    );
+    assert_eq!(w.notify(MemEvent::GoingOnline, 1, false), NotifyAnswer::Bad);
+    w.w().read_log();
+    let logged = w.w().logged.clone();
+    for told in [
+        "refusing to offline memory block 0x200000000: it is kernel\n",
+        "refusing to online memory block 0x208000000: it is offline\n",
+    ] {
+        assert!(
+            logged.iter().any(|l| l == told),
+            "{told:?} not in {logged:#?}"
+        );
+    }
+    w.finish();
 }
 
 /// A usable region that shrinks above plugged memory is followed with a warning; growing
