@@ -2,7 +2,8 @@
 
 //! One virtio-mem device: its validated geometry, its state behind one mutex, the worker
 //! that follows the requested size, and the answers to core mm's memory notifier and
-//! online page callback.
+//! online page callback, to system sleep (freeze, restore, the PM notifier) and, in a crash
+//! kernel, to `/proc/vmcore` (which of the region's memory is RAM to dump).
 //!
 //! # Locking
 //!
@@ -15,7 +16,10 @@ use crate::{
     config::{ConfigError, Geometry, Sizes},
     headroom::{self, MemInfo, Say, Stall},
     platform::{Platform, Transport},
-    protocol::{self, BadResponse, RequestType, Response, RESPONSE_POISON, RESPONSE_SIZE},
+    protocol::{
+        self, BadResponse, BlockState, RequestType, Response, StateAnswer, RESPONSE_POISON,
+        RESPONSE_SIZE,
+    },
     retry::Backoff,
     sbm::{MbState, OnlineCursor, PlugStep, Plugged, Sbm, UnplugStep},
 };
@@ -56,6 +60,17 @@ pub(crate) enum NotifyAnswer {
     Done = 2,
 }
 
+/// PM notifier events, as the glue passes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PmEvent {
+    /// `PM_HIBERNATION_PREPARE`: an image of memory is about to be written.
+    HibernationPrepare,
+    /// `PM_RESTORE_PREPARE`: an image is about to be read back over memory.
+    RestorePrepare,
+    /// Any other event (suspend, and the ends of each).
+    Other,
+}
+
 /// How the device's memory is managed. Big Block Mode will be a second variant.
 enum Mode {
     Sbm(Sbm<KVVec<u64>>),
@@ -80,6 +95,9 @@ enum Stop {
     NoRoom,
     /// The device answered ERROR, an invalid response or nothing: stop for good.
     Broken,
+    /// The worker is asked to freeze (system sleep), or the device is frozen: stop
+    /// between requests, and go on after the thaw.
+    Freezing,
 }
 
 struct Inner<T> {
@@ -109,6 +127,12 @@ struct Inner<T> {
     /// What the guest had when the last round stopped because it needs its memory; `None`
     /// once a round ends otherwise.
     pressure: Option<MemInfo>,
+    /// Between freeze and restore: the device is reset and has no queue, no request may
+    /// be sent.
+    frozen: bool,
+    /// In a crash kernel: the last range asked with STATE (its start) and whether it is
+    /// RAM. Reads of `/proc/vmcore` go page by page.
+    last_state: Option<(u64, bool)>,
 }
 
 /// One virtio-mem device, on platform `P` (the glue, or a mock in the KUnit suites).
@@ -121,6 +145,9 @@ pub(crate) struct VirtioMem<P: Platform> {
     page_shift: u32,
     nid: i32,
     offline_threshold_mbs: usize,
+    /// A crash kernel (`is_kdump_kernel()`): nothing is plugged, unplugged or added; the
+    /// device is only asked what is plugged.
+    kdump: bool,
     /// Set by the config change callback (any context), consumed by the worker.
     config_changed: AtomicBool,
     #[pin]
@@ -140,6 +167,7 @@ pub(crate) struct View<'a> {
     pub(crate) unplug_all_required: bool,
     pub(crate) waiting_for_online: bool,
     pub(crate) nacked_at: Option<u64>,
+    pub(crate) frozen: bool,
 }
 
 /// How a stop while unplugging is handled: the device does not NACK an unplug, so a NACK
@@ -166,6 +194,17 @@ fn config_err(dev: &Device, e: ConfigError) -> Error {
 impl<P: Platform> VirtioMem<P> {
     /// Reads and validates the config, allocates the state. Nothing is registered yet.
     pub(crate) fn new(platform: P, mut chan: P::Transport, dev: ARef<Device>) -> Result<Arc<Self>> {
+        let kdump = platform.is_kdump_kernel();
+        if kdump && !platform.has_vmcore() {
+            // Nothing would keep /proc/vmcore from reading unplugged memory (the C driver
+            // refuses the same way).
+            dev_err!(
+                dev,
+                "crash kernel without /proc/vmcore support (CONFIG_PROC_VMCORE): device \
+                 refused, its memory left as it is\n"
+            );
+            return Err(EBUSY);
+        }
         let raw = chan.read_config();
         let limits = platform.mm_limits();
         let geo = Geometry::new(&raw, &limits).map_err(|e| config_err(&dev, e))?;
@@ -200,8 +239,16 @@ impl<P: Platform> VirtioMem<P> {
             },
             geo.mode.name()
         );
-        let unplug_all_required = sizes.plugged != 0;
-        if unplug_all_required {
+        // In a crash kernel the plugged memory is the crashed kernel's, to be dumped.
+        let unplug_all_required = sizes.plugged != 0 && !kdump;
+        if kdump {
+            dev_info!(
+                dev,
+                "crash kernel: memory hot(un)plug disabled, {:#x} stays plugged; /proc/vmcore \
+                 reads only what the device says is plugged\n",
+                sizes.plugged
+            );
+        } else if unplug_all_required {
             dev_info!(
                 dev,
                 "{:#x} is plugged at probe: unplugging all memory first\n",
@@ -219,6 +266,7 @@ impl<P: Platform> VirtioMem<P> {
                 page_shift: limits.page_size.trailing_zeros(),
                 nid,
                 offline_threshold_mbs,
+                kdump,
                 config_changed: AtomicBool::new(true),
                 inner <- new_mutex!(
                     Inner {
@@ -237,6 +285,8 @@ impl<P: Platform> VirtioMem<P> {
                         last_busy: None,
                         stall: Stall::default(),
                         pressure: None,
+                        frozen: false,
+                        last_state: None,
                     },
                     "VirtioMem::inner"
                 ),
@@ -251,7 +301,11 @@ impl<P: Platform> VirtioMem<P> {
     }
 
     /// Takes the region for Linux: resource, memory group, notifier, online page callback.
+    /// Not in a crash kernel, which adds none of the region's memory.
     pub(crate) fn start(&self) -> Result {
+        if self.kdump {
+            return Ok(());
+        }
         let g = &self.geo;
         self.platform
             .hotplug_init(g.addr, g.region_size, self.nid, g.memory_block_size)
@@ -267,9 +321,193 @@ impl<P: Platform> VirtioMem<P> {
     }
 
     /// The config changed. May run in interrupt context: only note it (the glue queues
-    /// the worker).
+    /// the worker, which ignores it in a crash kernel).
     pub(crate) fn config_changed(&self) {
         self.config_changed.store(true, Ordering::Release);
+    }
+
+    /// System sleep begins (the virtio core's `freeze`). The worker is frozen already or
+    /// holds no request (it sends one only under the lock taken here). With memory plugged,
+    /// sleep is refused (`EPERM`, as the C driver) unless the device keeps it
+    /// (`VIRTIO_MEM_F_PERSISTENT_SUSPEND`) or the guest only idles (`to_idle`: nothing is
+    /// reset). Otherwise no request is sent until [`Self::restore`]: the glue resets the
+    /// device and deletes its queue next.
+    pub(crate) fn freeze(&self, to_idle: bool) -> Result {
+        let mut g = self.inner.lock();
+        // What the device may hold: what this driver plugged, what was plugged before it
+        // came (not unplugged yet, or the crashed kernel's), what a request without a valid
+        // answer may have plugged.
+        let plugged = g.plugged != 0
+            || g.unplug_all_required
+            || g.unknown_mb.is_some()
+            || (self.kdump && g.sizes.plugged != 0);
+        if plugged && !to_idle && !self.platform.has_persistent_suspend() {
+            let held = if g.unplug_all_required || self.kdump {
+                g.sizes.plugged
+            } else {
+                g.plugged
+            };
+            dev_err!(
+                self.dev,
+                "suspending with plugged memory is not supported: {:#x} plugged{}, and the \
+                 device does not keep it while suspended (no VIRTIO_MEM_F_PERSISTENT_SUSPEND); \
+                 suspend refused\n",
+                held,
+                if g.unknown_mb.is_some() {
+                    " (more of unknown state)"
+                } else {
+                    ""
+                }
+            );
+            return Err(EPERM);
+        }
+        g.frozen = true;
+        g.last_state = None;
+        Ok(())
+    }
+
+    /// System sleep ends (the virtio core's `restore`): the glue has a new queue and the
+    /// device is ready. The next round re-reads the config and follows it (the glue kicks
+    /// the worker).
+    pub(crate) fn restore(&self) {
+        let mut g = self.inner.lock();
+        g.frozen = false;
+        g.last_state = None;
+        self.config_changed();
+    }
+
+    /// The PM notifier: hibernation, and restoring a hibernation image, are refused while
+    /// the driver has a device. The image would be written back over memory the device may
+    /// no longer have plugged (a reset of the machine unplugs all of it).
+    pub(crate) fn pm_event(&self, event: PmEvent) -> NotifyAnswer {
+        let what = match event {
+            PmEvent::HibernationPrepare => "hibernation",
+            PmEvent::RestorePrepare => "restoring a hibernation image",
+            PmEvent::Other => return NotifyAnswer::Ok,
+        };
+        dev_err!(
+            self.dev,
+            "hibernation is not supported with a virtio-mem device: {} refused\n",
+            what
+        );
+        NotifyAnswer::Bad
+    }
+
+    /// `/proc/vmcore` in a crash kernel: whether page `pfn` is RAM to read. A page outside
+    /// the region is not this driver's to judge (`true`); inside, only memory the device
+    /// says is plugged is RAM, asked with a STATE request per device block (or page, if
+    /// larger). The last answer is kept: reads go page by page. No valid answer (ERROR,
+    /// an invalid answer, a timeout) means "not RAM" (zeroes in the dump) and a broken
+    /// device, asked nothing more.
+    pub(crate) fn pfn_is_ram(&self, pfn: u64) -> bool {
+        let geo = &self.geo;
+        let Some(addr) = pfn.checked_mul(1 << self.page_shift) else {
+            return true;
+        };
+        if !self.kdump || addr < geo.addr || addr - geo.addr >= geo.region_size {
+            return true;
+        }
+        let page = 1u64 << self.page_shift;
+        let unit = geo.device_block_size.max(page);
+        // The device blocks of the page (a hostile region start may not be page aligned).
+        let start = (addr & !(unit - 1)).max(geo.addr);
+        let mut g = self.inner.lock();
+        let usable_end = geo.addr + g.sizes.usable;
+        // Nothing plugged at probe, or beyond the usable region: unplugged.
+        if g.sizes.plugged == 0 || start >= usable_end {
+            return false;
+        }
+        if let Some((_, ram)) = g.last_state.filter(|&(cached, _)| cached == start) {
+            return ram;
+        }
+        if g.frozen {
+            return false;
+        }
+        let end = (addr & !(unit - 1)).saturating_add(unit).min(usable_end);
+        // At most a page's worth of device blocks (a power of two: shifts, no division).
+        let nb = ((end - start) >> geo.device_block_size.trailing_zeros()) as u16;
+        let ram = self.state(&mut g, start, nb) == Some(BlockState::Plugged);
+        g.last_state = Some((start, ram));
+        ram
+    }
+
+    /// `/proc/vmcore` in a crash kernel (`CONFIG_PROC_VMCORE_DEVICE_RAM`): hands the
+    /// plugged ranges of the usable region to `add` (start, size), merged, lowest first,
+    /// whole pages. Each range asked with STATE is at most a memory block (and 32768 device
+    /// blocks); a MIXED one is asked again in aligned halves, down to a device block (or a
+    /// page, if larger: one not wholly plugged is left out, `pfn_is_ram` would say so too).
+    /// `EIO` if the device gives no valid answer (it is then broken).
+    pub(crate) fn device_ram(&self, mut add: impl FnMut(u64, u64) -> Result) -> Result {
+        let geo = &self.geo;
+        let mut g = self.inner.lock();
+        if !self.kdump || g.sizes.plugged == 0 {
+            return Ok(());
+        }
+        if g.frozen {
+            return Err(EBUSY);
+        }
+        let bs = geo.device_block_size;
+        let page = 1u64 << self.page_shift;
+        let unit = bs.max(page);
+        let max = geo
+            .memory_block_size
+            .min(bs.saturating_mul(1 << 15))
+            .max(unit);
+        let end = geo.addr + g.sizes.usable;
+        // Whole pages of a plugged range, if any.
+        let mut flush = |s: u64, e: u64| -> Result {
+            let (s, e) = (s.next_multiple_of(page), e & !(page - 1));
+            if s < e {
+                add(s, e - s)?;
+            }
+            Ok(())
+        };
+        let mut run: Option<(u64, u64)> = None;
+        let mut pos = geo.addr;
+        while pos < end {
+            // The largest aligned range at `pos` (from the region's start) within `end`.
+            let off = pos - geo.addr;
+            let mut size = if off == 0 {
+                max
+            } else {
+                max.min(1 << off.trailing_zeros())
+            };
+            while size > end - pos && size > bs {
+                size >>= 1;
+            }
+            let plugged = loop {
+                let nb = (size >> bs.trailing_zeros()) as u16;
+                match self.state(&mut g, pos, nb) {
+                    None => {
+                        dev_err!(
+                            self.dev,
+                            "no plugged ranges for /proc/vmcore: the device gave no valid \
+                             state of {:#x}..{:#x}\n",
+                            pos,
+                            pos + size - 1
+                        );
+                        return Err(EIO);
+                    }
+                    Some(BlockState::Mixed) if size > unit => size >>= 1,
+                    Some(s) => break s == BlockState::Plugged,
+                }
+            };
+            if plugged {
+                run = match run {
+                    Some((s, e)) if e == pos => Some((s, pos + size)),
+                    Some((s, e)) => {
+                        flush(s, e)?;
+                        Some((pos, pos + size))
+                    }
+                    None => Some((pos, pos + size)),
+                };
+            }
+            pos += size;
+        }
+        if let Some((s, e)) = run {
+            flush(s, e)?;
+        }
+        Ok(())
     }
 
     /// The device goes away: refuse onlining and offlining from now on, and remove what
@@ -360,6 +598,7 @@ impl<P: Platform> VirtioMem<P> {
             unplug_all_required: g.unplug_all_required,
             waiting_for_online: g.waiting_for_online,
             nacked_at: g.nacked_at,
+            frozen: g.frozen,
         })
     }
 
@@ -370,17 +609,24 @@ impl<P: Platform> VirtioMem<P> {
         self.inner.lock().pressure
     }
 
-    /// The worker: follows the requested size.
+    /// The worker: follows the requested size. Nothing in a crash kernel, nothing while
+    /// frozen (restore kicks it again).
     pub(crate) fn run(&self) {
+        if self.kdump {
+            return;
+        }
         let mut g = self.inner.lock();
         let start_plugged = g.plugged;
         let result = loop {
-            if g.broken || g.removing {
+            if g.broken || g.removing || g.frozen {
                 return;
             }
             // Checked before anything else: there may be no request to send this round.
             if self.needs_reset(&mut g) {
                 return;
+            }
+            if self.platform.freezing() {
+                break Err(Stop::Freezing);
             }
             if g.unplug_all_required {
                 match self.request(&mut g, RequestType::UnplugAll, 0, 0) {
@@ -431,7 +677,9 @@ impl<P: Platform> VirtioMem<P> {
                 requested
             );
         }
-        if !matches!(result, Err(Stop::Pressure(_))) && g.stall.released() == Say::Ends {
+        if !matches!(result, Err(Stop::Pressure(_) | Stop::Freezing))
+            && g.stall.released() == Say::Ends
+        {
             g.pressure = None;
             if requested < start_plugged {
                 dev_info!(
@@ -482,6 +730,11 @@ impl<P: Platform> VirtioMem<P> {
                 );
             }
             Err(Stop::Broken) => g.broken = true,
+            Err(Stop::Freezing) => {
+                // Nothing is lost: the worker runs again once thawed (it freezes first).
+                dev_dbg!(self.dev, "round stopped for system sleep\n");
+                self.platform.queue_work(0);
+            }
         }
     }
 
@@ -651,15 +904,16 @@ impl<P: Platform> VirtioMem<P> {
         g.broken = true;
     }
 
-    /// Sends one request. `None` if the device did not answer in time or answered
-    /// something invalid (logged): its state is then unknown.
-    fn request(
+    /// Sends one request and waits for the answer: `Some(used length)`, with the answer in
+    /// `g.resp`, or `None` if it was not sent or not answered in time (logged): the
+    /// device's state is then unknown.
+    fn exchange(
         &self,
         g: &mut Inner<P::Transport>,
         ty: RequestType,
         addr: u64,
         nb_blocks: u16,
-    ) -> Option<Response> {
+    ) -> Option<u32> {
         // Nothing more goes to a device that answered ERROR, nothing or nonsense, or that
         // asked to be reset.
         if g.broken || self.needs_reset(g) {
@@ -670,10 +924,10 @@ impl<P: Platform> VirtioMem<P> {
         // Whatever the device leaves unwritten, or left from an earlier answer, is invalid.
         *resp = RESPONSE_POISON;
         let res = chan.request(&req, resp, REQUEST_TIMEOUT_MS);
-        let used_len = match res {
-            Ok(len) => len,
+        match res {
+            Ok(len) => Some(len),
             // It asked to be reset while the request waited: the transport stopped waiting.
-            Err(_) if self.needs_reset(g) => return None,
+            Err(_) if self.needs_reset(g) => None,
             Err(e) if e == ETIMEDOUT => {
                 dev_err!(
                     self.dev,
@@ -683,7 +937,7 @@ impl<P: Platform> VirtioMem<P> {
                     nb_blocks,
                     REQUEST_TIMEOUT_MS
                 );
-                return None;
+                None
             }
             Err(e) => {
                 dev_err!(
@@ -694,12 +948,79 @@ impl<P: Platform> VirtioMem<P> {
                     nb_blocks,
                     e
                 );
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    /// Sends one request. `None` if the device did not answer in time or answered
+    /// something invalid (logged): its state is then unknown.
+    fn request(
+        &self,
+        g: &mut Inner<P::Transport>,
+        ty: RequestType,
+        addr: u64,
+        nb_blocks: u16,
+    ) -> Option<Response> {
+        let used_len = self.exchange(g, ty, addr, nb_blocks)?;
         match Response::decode(&g.resp, used_len) {
             Ok(r) => Some(r),
-            Err(BadResponse::Length(len)) => {
+            Err(e) => {
+                self.bad_answer(ty, addr, e);
+                None
+            }
+        }
+    }
+
+    /// Asks the device (in a crash kernel) whether the `nb_blocks` device blocks at `addr`
+    /// are plugged. `None` if it gives no valid answer: ERROR (the range is valid), NACK
+    /// or BUSY (not answers to STATE), MIXED for a single block, an invalid answer or
+    /// none (logged). The device is then marked broken and asked nothing more.
+    fn state(&self, g: &mut Inner<P::Transport>, addr: u64, nb_blocks: u16) -> Option<BlockState> {
+        let ty = RequestType::State;
+        let answer = self.exchange(g, ty, addr, nb_blocks).and_then(|used_len| {
+            match StateAnswer::decode(&g.resp, used_len) {
+                Ok(StateAnswer::Ack(BlockState::Mixed)) if nb_blocks == 1 => {
+                    dev_err!(
+                        self.dev,
+                        "invalid answer to STATE {:#x}: MIXED for a single device block: \
+                         device marked broken\n",
+                        addr
+                    );
+                    None
+                }
+                Ok(StateAnswer::Ack(state)) => Some(state),
+                Ok(StateAnswer::Other(r)) => {
+                    dev_err!(
+                        self.dev,
+                        "device answered STATE {:#x} ({} blocks) with {:?}: device marked \
+                         broken\n",
+                        addr,
+                        nb_blocks,
+                        r
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.bad_answer(ty, addr, e);
+                    None
+                }
+            }
+        });
+        if answer.is_none() && !g.broken {
+            dev_err!(
+                self.dev,
+                "none of the device's memory is read for /proc/vmcore from now on\n"
+            );
+            g.broken = true;
+        }
+        answer
+    }
+
+    /// Logs an invalid answer to `ty` at `addr`.
+    fn bad_answer(&self, ty: RequestType, addr: u64, e: BadResponse) {
+        match e {
+            BadResponse::Length(len) => {
                 dev_err!(
                     self.dev,
                     "invalid answer to {} {:#x}: {} bytes used (expected 2 to {}): device \
@@ -709,9 +1030,8 @@ impl<P: Platform> VirtioMem<P> {
                     len,
                     protocol::RESPONSE_SIZE
                 );
-                None
             }
-            Err(BadResponse::Type(t)) => {
+            BadResponse::Type(t) => {
                 dev_err!(
                     self.dev,
                     "invalid answer to {} {:#x}: unknown type {:#x}: device marked broken\n",
@@ -719,7 +1039,26 @@ impl<P: Platform> VirtioMem<P> {
                     addr,
                     t
                 );
-                None
+            }
+            BadResponse::NoState(len) => {
+                dev_err!(
+                    self.dev,
+                    "invalid answer to {} {:#x}: ACK of {} bytes, without its state (expected \
+                     {}): device marked broken\n",
+                    ty.name(),
+                    addr,
+                    len,
+                    protocol::RESPONSE_SIZE
+                );
+            }
+            BadResponse::State(st) => {
+                dev_err!(
+                    self.dev,
+                    "invalid answer to {} {:#x}: unknown state {:#x}: device marked broken\n",
+                    ty.name(),
+                    addr,
+                    st
+                );
             }
         }
     }
@@ -738,6 +1077,10 @@ impl<P: Platform> VirtioMem<P> {
         let bpsb = self.geo.blocks_per_sb();
         let mut done = 0;
         for (off, n) in protocol::split_run(count, bpsb) {
+            // The device has no queue (only if the worker was not frozen in time).
+            if g.frozen {
+                return (done, Err(Stop::Freezing));
+            }
             let addr = self.geo.sb_addr(mb, first + off);
             // `split_run` keeps every request within `u16::MAX` blocks.
             let nb = (n as u64 * bpsb) as u16;
@@ -749,6 +1092,7 @@ impl<P: Platform> VirtioMem<P> {
                         RequestType::Plug => g.plugged += bytes,
                         RequestType::Unplug => g.plugged -= bytes,
                         RequestType::UnplugAll => g.plugged = 0,
+                        RequestType::State => {}
                     }
                     continue;
                 }
@@ -775,6 +1119,9 @@ impl<P: Platform> VirtioMem<P> {
     ) -> (MutexGuard<'a, Inner<P::Transport>>, Result<(), Stop>) {
         let target = g.plugged + diff;
         loop {
+            if self.platform.freezing() {
+                return (g, Err(Stop::Freezing));
+            }
             if self.config_changed.load(Ordering::Acquire) {
                 return (g, Err(Stop::Again));
             }
@@ -865,6 +1212,11 @@ impl<P: Platform> VirtioMem<P> {
         // The guest could not spare all that was asked (what it had then).
         let mut pressure = None;
         loop {
+            // Between steps (a block emptied is removed first). Within an online block,
+            // `fake_offline` looks before each run is taken.
+            if self.platform.freezing() {
+                return (g, Err(Stop::Freezing));
+            }
             if self.config_changed.load(Ordering::Acquire) {
                 return (g, Err(Stop::Again));
             }
@@ -995,7 +1347,8 @@ impl<P: Platform> VirtioMem<P> {
 
     /// Takes plugged online pages from the kernel, with a few tries on ZONE_MOVABLE.
     /// `RetryLater` if they cannot be freed now, `Again` if the config changed meanwhile,
-    /// `Pressure` if the guest can no longer spare them.
+    /// `Pressure` if the guest can no longer spare them, `Freezing` if the worker is asked
+    /// to freeze.
     fn fake_offline(&self, pfn: u64, nr: u64) -> Result<(), Stop> {
         let tries = if self.platform.is_movable(pfn) {
             FAKE_OFFLINE_TRIES_MOVABLE
@@ -1004,6 +1357,9 @@ impl<P: Platform> VirtioMem<P> {
         };
         let bytes = nr << self.page_shift;
         for _ in 0..tries {
+            if self.platform.freezing() {
+                return Err(Stop::Freezing);
+            }
             if self.config_changed.load(Ordering::Acquire) {
                 return Err(Stop::Again);
             }

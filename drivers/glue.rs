@@ -27,7 +27,7 @@
 
 use crate::{
     config::{Limits, RawConfig},
-    device::{MemEvent, NotifyAnswer},
+    device::{MemEvent, NotifyAnswer, PmEvent},
     headroom::MemInfo,
     platform::{Platform, Transport},
     protocol::{REQUEST_SIZE, RESPONSE_SIZE},
@@ -101,6 +101,10 @@ extern "C" {
         active_file: *mut u64,
     );
     fn vmr_glue_unplug_online() -> bool;
+    fn vmr_glue_in_kdump(glue: *mut RawGlue) -> bool;
+    fn vmr_glue_has_vmcore() -> bool;
+    fn vmr_glue_freezing() -> bool;
+    fn vmr_glue_vmcore_add_range(list: *mut c_void, start: u64, size: u64) -> c_int;
     fn vmr_glue_page_to_pfn(page: *const c_void) -> c_ulong;
     fn vmr_glue_register_driver() -> c_int;
     fn vmr_glue_unregister_driver();
@@ -108,6 +112,8 @@ extern "C" {
 
 /// `VIRTIO_MEM_F_ACPI_PXM`.
 const F_ACPI_PXM: c_uint = 0;
+/// `VIRTIO_MEM_F_PERSISTENT_SUSPEND`.
+const F_PERSISTENT_SUSPEND: c_uint = 2;
 
 /// A device whose region the online page callback serves: `start..end`, in bytes.
 struct Served {
@@ -336,6 +342,27 @@ impl Platform for Glue {
     fn has_acpi_pxm(&self) -> bool {
         // SAFETY: `self.raw` is live (type invariant).
         unsafe { vmr_glue_has_feature(self.raw.get(), F_ACPI_PXM) }
+    }
+
+    fn has_persistent_suspend(&self) -> bool {
+        // SAFETY: `self.raw` is live (type invariant).
+        unsafe { vmr_glue_has_feature(self.raw.get(), F_PERSISTENT_SUSPEND) }
+    }
+
+    fn is_kdump_kernel(&self) -> bool {
+        // SAFETY: `self.raw` is live (type invariant).
+        unsafe { vmr_glue_in_kdump(self.raw.get()) }
+    }
+
+    fn has_vmcore(&self) -> bool {
+        // SAFETY: reads a build-time constant.
+        unsafe { vmr_glue_has_vmcore() }
+    }
+
+    /// Of the calling thread: the worker calls it.
+    fn freezing(&self) -> bool {
+        // SAFETY: no precondition: reads the freezer's state of the current task.
+        unsafe { vmr_glue_freezing() }
     }
 
     /// Undone by the glue on remove.
@@ -630,6 +657,80 @@ unsafe extern "C" fn vmr_rs_stop_retry(rust: *const c_void) {
 unsafe extern "C" fn vmr_rs_remove(rust: *const c_void) {
     // SAFETY: function safety.
     unsafe { borrow(rust) }.remove();
+}
+
+/// System sleep begins: `0`, or `-EPERM` if memory is plugged that the device would not
+/// keep. After `0`, no request is sent until `vmr_rs_restore`.
+///
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe`, not yet released.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_freeze(rust: *const c_void, to_idle: bool) -> c_int {
+    // SAFETY: function safety.
+    let vm = unsafe { borrow(rust) };
+    from_result(|| {
+        vm.freeze(to_idle)?;
+        Ok(0)
+    })
+}
+
+/// System sleep ends: the glue has a new queue and the device is ready.
+///
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe`, not yet released.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_restore(rust: *const c_void) {
+    // SAFETY: function safety.
+    unsafe { borrow(rust) }.restore();
+}
+
+/// The PM notifier, as `enum vmr_pm_event`; answers as `enum vmr_mem_answer`.
+///
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe`, not yet released.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_pm_event(rust: *const c_void, event: c_uint) -> c_int {
+    let event = match event {
+        0 => PmEvent::HibernationPrepare,
+        1 => PmEvent::RestorePrepare,
+        _ => PmEvent::Other,
+    };
+    // SAFETY: function safety.
+    unsafe { borrow(rust) }.pm_event(event) as c_int
+}
+
+/// `/proc/vmcore` in a crash kernel: whether page `pfn` is RAM to read.
+///
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe`, not yet released.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_pfn_is_ram(rust: *const c_void, pfn: c_ulong) -> bool {
+    // SAFETY: function safety.
+    unsafe { borrow(rust) }.pfn_is_ram(pfn as u64)
+}
+
+/// `/proc/vmcore` in a crash kernel: adds the region's plugged ranges to `list`; on an
+/// error some may be added already (the caller frees them).
+///
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe`, not yet released; `list` is a `struct list_head` of
+/// `struct vmcore_range`, the caller's during the call.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_device_ram(rust: *const c_void, list: *mut c_void) -> c_int {
+    // SAFETY: function safety.
+    let vm = unsafe { borrow(rust) };
+    from_result(|| {
+        vm.device_ram(|start, size| {
+            // SAFETY: `list` is the caller's list (function safety); one range is added.
+            to_result(unsafe { vmr_glue_vmcore_add_range(list, start, size) })
+        })?;
+        Ok(0)
+    })
 }
 
 /// Drops the glue's reference: nothing calls back with `rust` any more.

@@ -59,6 +59,18 @@ pub(crate) trait Platform: Send + Sync + Sized + 'static {
     fn node(&self, node_id: u16, addr: u64) -> i32;
     /// Whether the device negotiated `VIRTIO_MEM_F_ACPI_PXM`.
     fn has_acpi_pxm(&self) -> bool;
+    /// Whether the device negotiated `VIRTIO_MEM_F_PERSISTENT_SUSPEND`: it keeps its plugged
+    /// memory while the guest is suspended.
+    fn has_persistent_suspend(&self) -> bool;
+    /// Whether this is a crash kernel (`is_kdump_kernel()`): the memory of the crashed
+    /// kernel is to be dumped, not changed.
+    fn is_kdump_kernel(&self) -> bool;
+    /// Whether the kernel has `/proc/vmcore` (`CONFIG_PROC_VMCORE`), through which a crash
+    /// kernel asks the driver what of its region is RAM.
+    fn has_vmcore(&self) -> bool;
+    /// Whether the worker is asked to freeze (system sleep is on its way): its round stops
+    /// between requests. Only asked from the worker.
+    fn freezing(&self) -> bool;
     /// Reserves the region and registers the memory group, the memory notifier and the
     /// online page callback.
     fn hotplug_init(&self, addr: u64, size: u64, nid: i32, unit: u64) -> Result;

@@ -3,8 +3,9 @@
 //! Requests to the device and its responses (include-uapi/linux/virtio_mem.h).
 //!
 //! A response is untrusted: [`Response::parse`] accepts it only if the device wrote at
-//! least the type field, no more than the response buffer, and a known type. Anything else
-//! leaves the device's state unknown.
+//! least the type field, no more than the response buffer, and a known type; an answer to
+//! STATE ([`StateAnswer::decode`]) must also hold the whole `state` field and a known
+//! state. Anything else leaves the device's state unknown.
 //!
 //! Plain `core` Rust: no kernel calls, so the same code can be tested on the host.
 
@@ -15,6 +16,8 @@ pub(crate) enum RequestType {
     Plug = 0,
     Unplug = 1,
     UnplugAll = 2,
+    /// Asks whether a range is plugged; changes nothing. Sent only in a crash kernel.
+    State = 3,
 }
 
 impl RequestType {
@@ -23,6 +26,7 @@ impl RequestType {
             Self::Plug => "PLUG",
             Self::Unplug => "UNPLUG",
             Self::UnplugAll => "UNPLUG_ALL",
+            Self::State => "STATE",
         }
     }
 }
@@ -73,6 +77,10 @@ pub(crate) enum BadResponse {
     Length(u32),
     /// The type is none of the known ones.
     Type(u16),
+    /// An ACK to STATE whose used length (`2..10` bytes) does not reach its `state` field.
+    NoState(u32),
+    /// An ACK to STATE with a state none of the known ones.
+    State(u16),
 }
 
 impl Response {
@@ -97,6 +105,55 @@ impl Response {
         used_len: u32,
     ) -> Result<Self, BadResponse> {
         Self::parse(u16::from_le_bytes([buf[0], buf[1]]), used_len)
+    }
+}
+
+/// Offset of `u.state.state` in `struct virtio_mem_resp` (after the type and 6 bytes of
+/// padding).
+const RESPONSE_STATE_OFFSET: usize = 8;
+
+/// What the device says a range is (`VIRTIO_MEM_STATE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BlockState {
+    /// Every device block of the range is plugged.
+    Plugged,
+    /// None is.
+    Unplugged,
+    /// Some are: never the answer for a single device block.
+    Mixed,
+}
+
+/// A valid answer to STATE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StateAnswer {
+    /// ACK, with the state of the range.
+    Ack(BlockState),
+    /// Any other valid type: ERROR (an invalid request), or NACK and BUSY, which STATE
+    /// cannot have. The caller decides what they mean.
+    Other(Response),
+}
+
+impl StateAnswer {
+    /// Checks the response buffer of a STATE request of which the device says it wrote
+    /// `used_len` bytes: as [`Response::decode`], and an ACK must hold all 10 bytes and a
+    /// known state.
+    pub(crate) fn decode(
+        buf: &[u8; RESPONSE_SIZE as usize],
+        used_len: u32,
+    ) -> Result<Self, BadResponse> {
+        match Response::decode(buf, used_len)? {
+            Response::Ack if used_len < RESPONSE_SIZE => Err(BadResponse::NoState(used_len)),
+            Response::Ack => {
+                let o = RESPONSE_STATE_OFFSET;
+                match u16::from_le_bytes([buf[o], buf[o + 1]]) {
+                    0 => Ok(Self::Ack(BlockState::Plugged)),
+                    1 => Ok(Self::Ack(BlockState::Unplugged)),
+                    2 => Ok(Self::Ack(BlockState::Mixed)),
+                    s => Err(BadResponse::State(s)),
+                }
+            }
+            other => Ok(Self::Other(other)),
+        }
     }
 }
 

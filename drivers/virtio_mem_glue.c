@@ -2,11 +2,12 @@
 /*
  * C glue of virtio_mem_rust: only what Rust cannot reach in Linux 7.2.
  *
- * - the virtio driver (device and feature tables, probe/remove/config_changed, the
- *   virtqueue and the wait for a response, virtio_cread_le for the config);
- * - kernel callbacks that need a C object: the memory notifier; the worker thread, its kick
- *   and its wait (kicked in interrupt context: see vmr_glue_kick(); no kthread abstraction
- *   in 7.2);
+ * - the virtio driver (device and feature tables, probe/remove/config_changed,
+ *   freeze/restore, the virtqueue and the wait for a response, virtio_cread_le for the
+ *   config);
+ * - kernel callbacks that need a C object: the memory notifier, the PM notifier, the vmcore
+ *   callbacks of a crash kernel; the worker thread, its kick and its wait (kicked in
+ *   interrupt context: see vmr_glue_kick(); no kthread abstraction in 7.2);
  * - page flag helpers and page_to_pfn() (inline functions, macros) and a few constants.
  *
  * The ABI towards Rust is opaque pointers and scalars, declared once on the Rust side in
@@ -16,6 +17,7 @@
  * driver's state, handed over by vmr_rs_probe() and given back with vmr_rs_release() once
  * nothing can call into it any more.
  */
+#include <linux/crash_dump.h>
 #include <linux/device.h>
 #include <linux/ioport.h>
 #include <linux/freezer.h>
@@ -29,6 +31,7 @@
 #include <linux/page-flags.h>
 #include <linux/scatterlist.h>
 #include <linux/slab.h>
+#include <linux/suspend.h>
 #include <linux/virtio.h>
 #include <linux/virtio_config.h>
 #include <linux/wait.h>
@@ -40,6 +43,7 @@
 
 struct vmr_glue {
 	struct virtio_device *vdev;
+	/* NULL between freeze and restore (the Rust side sends nothing then). */
 	struct virtqueue *vq;
 	wait_queue_head_t host_resp;
 	/* Device-readable and device-writable buffers: never on the stack. */
@@ -67,6 +71,16 @@ struct vmr_glue {
 
 	struct notifier_block memory_notifier;
 	bool notifier_registered;
+	/* Vetoes hibernation while the device is bound. */
+	struct notifier_block pm_notifier;
+	bool pm_notifier_registered;
+	/* is_kdump_kernel() at probe: nothing is plugged, unplugged or added. */
+	bool kdump;
+#ifdef CONFIG_PROC_VMCORE
+	/* In a crash kernel: what of the region /proc/vmcore may read. */
+	struct vmcore_cb vmcore_cb;
+	bool vmcore_registered;
+#endif
 	struct resource *parent_resource;
 	int mgid;
 	bool on_device_list;
@@ -211,6 +225,9 @@ int vmr_glue_request(struct vmr_glue *glue, const void *req, void *resp,
 		return -EIO;
 	if (READ_ONCE(glue->needs_reset))
 		return -ECONNRESET;
+	/* Frozen: the queue is gone (the Rust side does not send then; never touch it). */
+	if (!glue->vq)
+		return -ESHUTDOWN;
 
 	memcpy(&glue->req, req, sizeof(glue->req));
 	memcpy(&glue->resp, resp, sizeof(glue->resp));
@@ -544,6 +561,32 @@ bool vmr_glue_unplug_online(void)
 	return READ_ONCE(unplug_online);
 }
 
+bool vmr_glue_in_kdump(struct vmr_glue *glue)
+{
+	return glue->kdump;
+}
+
+bool vmr_glue_has_vmcore(void)
+{
+	return IS_ENABLED(CONFIG_PROC_VMCORE);
+}
+
+/* Whether the worker (the caller) is asked to freeze: system sleep is on its way. */
+bool vmr_glue_freezing(void)
+{
+	return freezing(current);
+}
+
+/* For vmr_rs_device_ram(): one more plugged range for /proc/vmcore, on the caller's list. */
+int vmr_glue_vmcore_add_range(void *list, u64 start, u64 size)
+{
+#ifdef CONFIG_PROC_VMCORE
+	return vmcore_alloc_add_range(list, start, size);
+#else
+	return -EOPNOTSUPP;
+#endif
+}
+
 /* Memory with fake-offline pages goes offline: drop our references so mm can skip them. */
 void vmr_glue_going_offline(unsigned long pfn, unsigned long nr_pages)
 {
@@ -581,11 +624,98 @@ static int vmr_thread_fn(void *data)
 				     READ_ONCE(glue->kick) || kthread_should_stop());
 		if (kthread_should_stop())
 			break;
+		/*
+		 * A round asked to freeze stops between requests and kicks again:
+		 * freeze here (wait_event_freezable() does not while kicked), run
+		 * after the thaw.
+		 */
+		if (try_to_freeze())
+			continue;
 		/* Cleared before the run: a kick during it makes another run. */
 		WRITE_ONCE(glue->kick, false);
 		vmr_rs_work(glue->rust);
 	}
 	return 0;
+}
+
+/* Hibernation and restoring an image are refused while a device is bound (see device.rs). */
+static int vmr_pm_notifier_cb(struct notifier_block *nb, unsigned long action, void *arg)
+{
+	struct vmr_glue *glue = container_of(nb, struct vmr_glue, pm_notifier);
+	unsigned int event;
+
+	switch (action) {
+	case PM_HIBERNATION_PREPARE:
+		event = VMR_PM_HIBERNATION_PREPARE;
+		break;
+	case PM_RESTORE_PREPARE:
+		event = VMR_PM_RESTORE_PREPARE;
+		break;
+	default:
+		event = VMR_PM_OTHER;
+		break;
+	}
+	return vmr_rs_pm_event(glue->rust, event) == VMR_NOTIFY_OK ? NOTIFY_OK : NOTIFY_BAD;
+}
+
+#ifdef CONFIG_PROC_VMCORE
+static bool vmr_vmcore_pfn_is_ram(struct vmcore_cb *cb, unsigned long pfn)
+{
+	struct vmr_glue *glue = container_of(cb, struct vmr_glue, vmcore_cb);
+
+	return vmr_rs_pfn_is_ram(glue->rust, pfn);
+}
+
+/* The plugged ranges of the region: all of them on @list, or none and an error. */
+static int vmr_vmcore_get_device_ram(struct vmcore_cb *cb, struct list_head *list)
+{
+	struct vmr_glue *glue = container_of(cb, struct vmr_glue, vmcore_cb);
+	LIST_HEAD(ranges);
+	int rc;
+
+	rc = vmr_rs_device_ram(glue->rust, &ranges);
+	if (rc) {
+		vmcore_free_ranges(&ranges);
+		return rc;
+	}
+	list_splice_tail(&ranges, list);
+	return 0;
+}
+#endif
+
+/*
+ * In a crash kernel, once the device is ready: /proc/vmcore asks the Rust side what of the
+ * region is RAM (and, with CONFIG_PROC_VMCORE_DEVICE_RAM, which ranges to dump: asked at
+ * once). Without CONFIG_PROC_VMCORE the Rust side refused the device at probe.
+ */
+static void vmr_register_vmcore(struct vmr_glue *glue)
+{
+#ifdef CONFIG_PROC_VMCORE
+	glue->vmcore_cb.pfn_is_ram = vmr_vmcore_pfn_is_ram;
+	if (IS_ENABLED(CONFIG_PROC_VMCORE_DEVICE_RAM))
+		glue->vmcore_cb.get_device_ram = vmr_vmcore_get_device_ram;
+	register_vmcore_cb(&glue->vmcore_cb);
+	glue->vmcore_registered = true;
+#endif
+}
+
+static void vmr_unregister_vmcore(struct vmr_glue *glue)
+{
+#ifdef CONFIG_PROC_VMCORE
+	if (glue->vmcore_registered)
+		unregister_vmcore_cb(&glue->vmcore_cb);
+	glue->vmcore_registered = false;
+#endif
+}
+
+/* Undoes vmr_rs_probe() when probe fails after it (the worker never ran). */
+static void vmr_probe_undo_rust(struct vmr_glue *glue)
+{
+	WRITE_ONCE(glue->removing, true);
+	vmr_rs_stop_retry(glue->rust);
+	vmr_rs_remove(glue->rust);
+	vmr_glue_hotplug_exit(glue);
+	vmr_rs_release(glue->rust);
 }
 
 static int vmr_probe(struct virtio_device *vdev)
@@ -610,6 +740,7 @@ static int vmr_probe(struct virtio_device *vdev)
 		return -ENOMEM;
 	glue->vdev = vdev;
 	glue->mgid = -1;
+	glue->kdump = is_kdump_kernel();
 	init_waitqueue_head(&glue->host_resp);
 	init_waitqueue_head(&glue->thread_wq);
 	vdev->priv = glue;
@@ -624,20 +755,30 @@ static int vmr_probe(struct virtio_device *vdev)
 	if (rc)
 		goto out_reset;
 
+	/* As early as possible: hibernation must not start while the device is bound. */
+	glue->pm_notifier.notifier_call = vmr_pm_notifier_cb;
+	glue->pm_notifier.priority = INT_MAX;
+	rc = register_pm_notifier(&glue->pm_notifier);
+	if (rc) {
+		vmr_probe_undo_rust(glue);
+		goto out_reset;
+	}
+	glue->pm_notifier_registered = true;
+
 	glue->thread = kthread_run(vmr_thread_fn, glue, "vmem_rs/%s", dev_name(&vdev->dev));
 	if (IS_ERR(glue->thread)) {
 		rc = PTR_ERR(glue->thread);
 		dev_err(&vdev->dev, "cannot start the worker thread: %d\n", rc);
-		WRITE_ONCE(glue->removing, true);
-		vmr_rs_stop_retry(glue->rust);
-		vmr_rs_remove(glue->rust);
-		vmr_glue_hotplug_exit(glue);
-		vmr_rs_release(glue->rust);
+		unregister_pm_notifier(&glue->pm_notifier);
+		vmr_probe_undo_rust(glue);
 		goto out_reset;
 	}
 
 	virtio_device_ready(vdev);
-	vmr_glue_kick(glue);
+	if (glue->kdump)
+		vmr_register_vmcore(glue);
+	else
+		vmr_glue_kick(glue);
 	return 0;
 
 out_reset:
@@ -654,6 +795,10 @@ static void vmr_remove(struct virtio_device *vdev)
 {
 	struct vmr_glue *glue = vdev->priv;
 
+	/* Waits for callbacks under way: none comes after this. */
+	vmr_unregister_vmcore(glue);
+	if (glue->pm_notifier_registered)
+		unregister_pm_notifier(&glue->pm_notifier);
 	WRITE_ONCE(glue->removing, true);
 	/* A worker waiting for the device wakes up and gives up. */
 	wake_up(&glue->host_resp);
@@ -684,11 +829,57 @@ static void vmr_config_changed(struct virtio_device *vdev)
 	vmr_glue_kick(glue);
 }
 
+/*
+ * System sleep begins. The worker is frozen already (the freezer stops kernel threads
+ * before devices; a round asked to freeze stops between requests), and vmr_rs_freeze()
+ * takes the lock every request is sent under: none is in flight, and none is sent until
+ * restore. It refuses (-EPERM) if memory is plugged and the device would not keep it.
+ * Hibernation never gets here: the PM notifier refused it.
+ */
+static int vmr_freeze(struct virtio_device *vdev)
+{
+	struct vmr_glue *glue = vdev->priv;
+	int rc;
+
+	rc = vmr_rs_freeze(glue->rust, pm_suspend_target_state == PM_SUSPEND_TO_IDLE);
+	if (rc)
+		return rc;
+	virtio_reset_device(vdev);
+	vdev->config->del_vqs(vdev);
+	glue->vq = NULL;
+	return 0;
+}
+
+/*
+ * System sleep ends: a new queue, the device ready, the config read again by the worker.
+ * If the queue cannot be created the device stays frozen: nothing is sent to it.
+ */
+static int vmr_restore(struct virtio_device *vdev)
+{
+	struct vmr_glue *glue = vdev->priv;
+	struct virtqueue *vq;
+
+	vq = virtio_find_single_vq(vdev, vmr_vq_done, "guest-request");
+	if (IS_ERR(vq)) {
+		dev_err(&vdev->dev, "cannot re-create the request queue after sleep: %ld\n",
+			PTR_ERR(vq));
+		return PTR_ERR(vq);
+	}
+	glue->vq = vq;
+	/* The reset at freeze took any buffers of a lost request back from the device. */
+	glue->request_lost = false;
+	virtio_device_ready(vdev);
+	vmr_rs_restore(glue->rust);
+	vmr_glue_kick(glue);
+	return 0;
+}
+
 static unsigned int vmr_features[] = {
 #if defined(CONFIG_NUMA) && defined(CONFIG_ACPI_NUMA)
 	VIRTIO_MEM_F_ACPI_PXM,
 #endif
 	VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+	VIRTIO_MEM_F_PERSISTENT_SUSPEND,
 };
 
 static const struct virtio_device_id vmr_id_table[] = {
@@ -705,6 +896,8 @@ static struct virtio_driver vmr_driver = {
 	.probe = vmr_probe,
 	.remove = vmr_remove,
 	.config_changed = vmr_config_changed,
+	.freeze = vmr_freeze,
+	.restore = vmr_restore,
 };
 
 /* Called by the Rust module's init and exit. */

@@ -32,6 +32,14 @@ enum vmr_mem_event {
 enum vmr_mem_answer { VMR_NOTIFY_OK, VMR_NOTIFY_BAD, VMR_NOTIFY_DONE };
 int vmr_rs_serve_online_pages(void *rust, u64 addr, u64 size);
 void vmr_rs_stop_serving_online_pages(void *rust);
+int vmr_rs_freeze(void *rust, bool to_idle);
+void vmr_rs_restore(void *rust);
+
+/* PM notifier events as the Rust side sees them (glue.rs mirrors these); answered as above. */
+enum vmr_pm_event { VMR_PM_HIBERNATION_PREPARE, VMR_PM_RESTORE_PREPARE, VMR_PM_OTHER };
+int vmr_rs_pm_event(void *rust, unsigned int event);
+bool vmr_rs_pfn_is_ram(void *rust, unsigned long pfn);
+int vmr_rs_device_ram(void *rust, void *list);
 
 /* Implemented in virtio_mem_glue.c, called from Rust (glue.rs declares the same). */
 struct vmr_raw_config;
@@ -60,6 +68,10 @@ int vmr_glue_offline_and_remove(u64 addr, u64 size);
 bool vmr_glue_drop_slab(void);
 void vmr_glue_mem_info(u64 *available, u64 *total, u64 *slab_reclaimable, u64 *active_file);
 bool vmr_glue_unplug_online(void);
+bool vmr_glue_in_kdump(struct vmr_glue *glue);
+bool vmr_glue_has_vmcore(void);
+bool vmr_glue_freezing(void);
+int vmr_glue_vmcore_add_range(void *list, u64 start, u64 size);
 int vmr_glue_register_driver(void);
 void vmr_glue_unregister_driver(void);
 

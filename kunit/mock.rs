@@ -7,6 +7,7 @@
 //! The device answers like QEMU's virtio-mem (`hw/virtio/virtio-mem.c`): PLUG of a range
 //! outside the usable region, misaligned, or of a plugged block is ERROR, PLUG beyond the
 //! requested size is NACK, UNPLUG of a block not plugged is ERROR, UNPLUG_ALL empties it.
+//! STATE says whether a range is plugged (only a crash kernel asks).
 //! [`State::script`] overrides its answers one request at a time with whatever a hostile
 //! or broken device could do; [`State::needs_reset`] makes it a device that asks to be reset
 //! and processes no request any more. Every ERROR the model has to give on its own is counted in
@@ -44,7 +45,9 @@ pub(crate) const CHUNK: u64 = 2 << 20;
 pub(crate) const PAGE: u64 = 4096;
 /// The mock's memory block size.
 pub(crate) const MEMORY_BLOCK: u64 = 128 << 20;
-pub(crate) use crate::qemu::{ACK, BUSY, ERROR, NACK, PLUG, UNPLUG, UNPLUG_ALL};
+pub(crate) use crate::qemu::{
+    ACK, BUSY, ERROR, NACK, PLUG, STATE, STATE_MIXED, STATE_PLUGGED, UNPLUG, UNPLUG_ALL,
+};
 
 /// The kernel limits the mock pretends: x86-64's with 2 MiB pageblocks.
 pub(crate) fn mock_limits() -> Limits {
@@ -78,6 +81,9 @@ pub(crate) enum Answer {
     Model,
     /// Writes this response type and says it wrote `used_len` bytes; changes nothing.
     Raw { ty: u16, used_len: u32 },
+    /// Writes this response type and this state (an answer to STATE) and says it wrote
+    /// `used_len` bytes.
+    RawState { ty: u16, state: u16, used_len: u32 },
     /// Writes nothing but says it wrote a whole response.
     Stale,
     /// Never answers: the transport times out.
@@ -154,20 +160,37 @@ pub(crate) struct State {
     pub(crate) available_after_failure: Option<u64>,
     /// Fake-offline tries, failed or not.
     pub(crate) fake_offline_tries: u32,
+    /// `VIRTIO_MEM_F_PERSISTENT_SUSPEND` negotiated.
+    pub(crate) persistent_suspend: bool,
+    /// A crash kernel, and whether it has `/proc/vmcore`.
+    pub(crate) kdump: bool,
+    pub(crate) vmcore: bool,
+    /// The worker is asked to freeze; or it will be once this many requests were received,
+    /// or this many fake-offline tries made.
+    pub(crate) freezing: bool,
+    pub(crate) freeze_after_requests: Option<usize>,
+    pub(crate) freeze_after_tries: Option<u32>,
+    /// Times the worker asked whether it must freeze.
+    pub(crate) freezing_asked: u32,
+    /// Calls of `hotplug_init`.
+    pub(crate) hotplug_inits: u32,
 }
 
 impl State {
-    /// QEMU's answer to a request, applied to the device's state (`kunit/qemu.rs`).
-    fn model(&mut self, ty: u16, addr: u64, nb: u16) -> u16 {
+    /// QEMU's answer to a request, applied to the device's state (`kunit/qemu.rs`): the
+    /// response type and, for STATE, the state.
+    fn model(&mut self, ty: u16, addr: u64, nb: u16) -> (u16, Option<u16>) {
         let State { cfg, plugged, .. } = self;
         let res = match ty {
             PLUG | UNPLUG => {
                 qemu::state_change(cfg, &mut DeviceBlocks(plugged), addr, nb, ty == PLUG)
+                    .map(|t| (t, None))
             }
             UNPLUG_ALL => {
                 qemu::unplug_all(cfg, &mut DeviceBlocks(plugged), None);
-                Ok(ACK)
+                Ok((ACK, None))
             }
+            STATE => qemu::state(cfg, &DeviceBlocks(plugged), addr, nb).map(|st| (ACK, Some(st))),
             _ => Err(Invalid::Empty),
         };
         res.unwrap_or_else(|why| {
@@ -179,8 +202,19 @@ impl State {
                 why.name()
             );
             self.invalid_requests += 1;
-            ERROR
+            (ERROR, None)
         })
+    }
+
+    /// The device has `size` bytes at `addr` plugged (as before a kexec or a crash), with
+    /// its plugged size following.
+    pub(crate) fn plug_device(&mut self, addr: u64, size: u64) {
+        let bs = self.cfg.block_size;
+        let first = (addr - self.cfg.addr) / bs;
+        let mut blocks = DeviceBlocks(&mut self.plugged);
+        let before = blocks.plugged_in(first, first + size / bs);
+        blocks.set(first, first + size / bs, true);
+        self.cfg.plugged_size += size - before * bs;
     }
 
     /// Whether the device has all of chunk `c` plugged.
@@ -339,6 +373,14 @@ pub(crate) fn new_mock(cfg: RawConfig) -> Result<(MockPlatform, MockTransport)> 
         active_file: 0,
         available_after_failure: None,
         fake_offline_tries: 0,
+        persistent_suspend: false,
+        kdump: false,
+        vmcore: true,
+        freezing: false,
+        freeze_after_requests: None,
+        freeze_after_tries: None,
+        freezing_asked: 0,
+        hotplug_inits: 0,
     };
     let shared = Arc::pin_init(
         pin_init!(Shared {
@@ -390,21 +432,26 @@ impl Transport for MockTransport {
         } else {
             s.script.remove(0)?
         };
-        let (written, len) = match answer {
+        let (written, state, len) = match answer {
             Answer::Model => {
-                let t = s.model(ty, addr, nb_blocks);
-                (Some(t), RESPONSE_SIZE)
+                let (t, st) = s.model(ty, addr, nb_blocks);
+                (Some(t), st, RESPONSE_SIZE)
             }
-            Answer::Raw { ty: t, used_len } => (Some(t), used_len),
-            Answer::Stale => (None, RESPONSE_SIZE),
-            Answer::Silent => (None, 0),
+            Answer::Raw { ty: t, used_len } => (Some(t), None, used_len),
+            Answer::RawState {
+                ty: t,
+                state,
+                used_len,
+            } => (Some(t), Some(state), used_len),
+            Answer::Stale => (None, None, RESPONSE_SIZE),
+            Answer::Silent => (None, None, 0),
             Answer::Lost => {
                 s.model(ty, addr, nb_blocks);
-                (None, 0)
+                (None, None, 0)
             }
             Answer::NeedsReset => {
                 s.needs_reset = true;
-                (None, 0)
+                (None, None, 0)
             }
         };
         s.requests.push(
@@ -431,6 +478,9 @@ impl Transport for MockTransport {
         if let Some(t) = written {
             resp[0..2].copy_from_slice(&t.to_le_bytes());
         }
+        if let Some(st) = state {
+            resp[8..10].copy_from_slice(&st.to_le_bytes());
+        }
         Ok(len)
     }
 }
@@ -455,7 +505,32 @@ impl Platform for MockPlatform {
         false
     }
 
+    fn has_persistent_suspend(&self) -> bool {
+        self.0.state.lock().persistent_suspend
+    }
+
+    fn is_kdump_kernel(&self) -> bool {
+        self.0.state.lock().kdump
+    }
+
+    fn has_vmcore(&self) -> bool {
+        self.0.state.lock().vmcore
+    }
+
+    fn freezing(&self) -> bool {
+        let mut s = self.0.state.lock();
+        s.freezing_asked += 1;
+        let (after, tries) = (s.freeze_after_requests, s.freeze_after_tries);
+        if after.is_some_and(|n| s.requests.len() >= n)
+            || tries.is_some_and(|n| s.fake_offline_tries >= n)
+        {
+            s.freezing = true;
+        }
+        s.freezing
+    }
+
     fn hotplug_init(&self, _addr: u64, _size: u64, _nid: i32, _unit: u64) -> Result {
+        self.0.state.lock().hotplug_inits += 1;
         Ok(())
     }
 

@@ -14,11 +14,16 @@ use crate::config::RawConfig;
 pub(crate) const PLUG: u16 = 0;
 pub(crate) const UNPLUG: u16 = 1;
 pub(crate) const UNPLUG_ALL: u16 = 2;
+pub(crate) const STATE: u16 = 3;
 /// `VIRTIO_MEM_RESP_*`.
 pub(crate) const ACK: u16 = 0;
 pub(crate) const NACK: u16 = 1;
 pub(crate) const BUSY: u16 = 2;
 pub(crate) const ERROR: u16 = 3;
+/// `VIRTIO_MEM_STATE_*`.
+pub(crate) const STATE_PLUGGED: u16 = 0;
+pub(crate) const STATE_UNPLUGGED: u16 = 1;
+pub(crate) const STATE_MIXED: u16 = 2;
 
 /// A device model's record of its plugged device blocks, by index from the region's start.
 pub(crate) trait Blocks {
@@ -125,6 +130,22 @@ pub(crate) fn state_change(
         cfg.plugged_size -= size;
     }
     Ok(ACK)
+}
+
+/// `virtio_mem_state_request`: the `VIRTIO_MEM_STATE_*` of the blocks of a valid range,
+/// or why it is ERROR. Changes nothing.
+pub(crate) fn state(
+    cfg: &RawConfig,
+    blocks: &impl Blocks,
+    gpa: u64,
+    nb: u16,
+) -> Result<u16, Invalid> {
+    let (a, b) = valid_range(cfg, gpa, nb)?;
+    Ok(match blocks.plugged_in(a, b) {
+        n if n == b - a => STATE_PLUGGED,
+        0 => STATE_UNPLUGGED,
+        _ => STATE_MIXED,
+    })
 }
 
 /// `virtio_mem_unplug_all`: nothing plugged any more. With `extent` (QEMU's

@@ -9,15 +9,19 @@
 //!
 //! - `virtio_mem_rust_config`: configs a device may present, at probe and at runtime;
 //! - `virtio_mem_rust_responses`: answers a device may give, and failures of core mm;
-//! - `virtio_mem_rust_headroom`: a guest that needs its memory keeps it.
+//! - `virtio_mem_rust_headroom`: a guest that needs its memory keeps it;
+//! - `virtio_mem_rust_sleep`: suspend (freeze, restore, a round stopped by the freezer),
+//!   hibernation, and memory left plugged by a kexec;
+//! - `virtio_mem_rust_kdump`: a crash kernel changes nothing and tells `/proc/vmcore` what
+//!   is plugged.
 
 use crate::{
     config::RawConfig,
-    device::{MemEvent, NotifyAnswer, VirtioMem},
+    device::{MemEvent, NotifyAnswer, PmEvent, VirtioMem},
     headroom::{MIN_MARGIN, POLL_MS},
     mock::{
         new_mock, qemu_config, Answer, Chunk, MockPlatform, Shared, State, ACK, BUSY, CHUNK, ERROR,
-        MEMORY_BLOCK, NACK, PAGE, PLUG, UNPLUG, UNPLUG_ALL,
+        MEMORY_BLOCK, NACK, PAGE, PLUG, STATE, STATE_MIXED, STATE_PLUGGED, UNPLUG, UNPLUG_ALL,
     },
 };
 use kernel::{
@@ -193,6 +197,13 @@ impl Fixture {
             }
             ev(MemEvent::Online);
         }
+    }
+
+    /// System sleep ends as the glue restores the device: restore, then the kicked worker
+    /// runs.
+    fn restore(&self) {
+        self.vm.restore();
+        self.vm.run();
     }
 
     /// Grows to `size` with the device answering as QEMU and onlines what was added.
@@ -1089,6 +1100,550 @@ mod headroom_suite {
         assert_eq!(f.mock.state.lock().drop_slab_calls, 1);
         assert!(f.vm.waiting_for_guest().is_none());
         assert_eq!(f.snap().device, 128 * MIB);
+        Ok(())
+    }
+}
+
+/// Page frame number of the mock region's byte `off`.
+fn pfn_at(off: u64) -> u64 {
+    (qemu_config().addr + off) / PAGE
+}
+
+#[kunit_tests(virtio_mem_rust_sleep)]
+mod sleep_suite {
+    use super::*;
+
+    #[test]
+    fn suspend_with_memory_plugged_needs_persistent_suspend() -> Result {
+        let mut f = probe(c"vmr-kunit-freeze-refused", qemu_config(), |_| {})?;
+        f.grow_online(256 * MIB)?;
+        // Suspend to RAM, the device without VIRTIO_MEM_F_PERSISTENT_SUSPEND: refused.
+        assert_eq!(f.vm.freeze(false), Err(EPERM));
+        assert!(!f.vm.view(|v| v.frozen));
+        // The PM core gives up and thaws: the device goes on as before.
+        f.resize(512 * MIB);
+        let s = f.snap();
+        assert_eq!(s.device, 512 * MIB);
+        assert!(!s.broken);
+        // Memory left plugged by the kernel before (a kexec), not unplugged yet: refused too.
+        let f = probe(c"vmr-kunit-freeze-refused-kexec", qemu_config(), |s| {
+            s.plug_device(qemu_config().addr, 64 * MIB)
+        })?;
+        assert_eq!(f.vm.freeze(false), Err(EPERM));
+        // A request that got no valid answer: what the device did is unknown, refused.
+        let f = probe(c"vmr-kunit-freeze-refused-lost", qemu_config(), |_| {})?;
+        f.script(&[Answer::Lost])?;
+        f.resize(128 * MIB);
+        assert_eq!(f.snap().driver, 0);
+        assert_eq!(f.vm.freeze(false), Err(EPERM));
+        Ok(())
+    }
+
+    #[test]
+    fn suspend_with_nothing_plugged_then_resize() -> Result {
+        let mut f = probe(c"vmr-kunit-freeze-empty", qemu_config(), |_| {})?;
+        f.vm.run();
+        f.vm.freeze(false)?;
+        assert!(f.vm.view(|v| v.frozen));
+        // The device changes while the guest sleeps (no notification reaches the driver),
+        // and the worker is kicked (its retry timer): nothing is sent to the frozen device
+        // (no queue), and it is not given up on.
+        f.with(|s| s.cfg.requested_size = 256 * MIB);
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.requests, 0);
+        assert!(!s.broken);
+        // Restore: the config is read again and followed.
+        f.restore();
+        f.online_added()?;
+        let s = f.snap();
+        assert_eq!(s.device, 256 * MIB);
+        assert_eq!(s.driver, 256 * MIB);
+        assert_eq!(s.buddy, 128);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn persistent_suspend_keeps_the_memory_and_resizes_after() -> Result {
+        let mut f = probe(c"vmr-kunit-freeze-persistent", qemu_config(), |s| {
+            s.persistent_suspend = true
+        })?;
+        let before = f.grow_online(256 * MIB)?;
+        f.vm.freeze(false)?;
+        // Asked to grow while asleep (the virtio core hands the change over at restore).
+        f.resize(512 * MIB);
+        assert_eq!(f.snap().requests, before.requests);
+        f.restore();
+        f.online_added()?;
+        let s = f.snap();
+        assert_eq!(s.device, 512 * MIB);
+        assert_eq!(s.added, 4);
+        // And shrinks.
+        f.resize(128 * MIB);
+        let s = f.snap();
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.driver, 128 * MIB);
+        assert_eq!(s.removed, 3);
+        assert_eq!(s.invalid, 0);
+        assert_eq!(s.violations, 0);
+        // Memory left by a kexec, the guest suspended before the first round: the kicked
+        // worker sends nothing to the frozen device, not even UNPLUG_ALL; after restore,
+        // UNPLUG_ALL, then the requested size.
+        let cfg = RawConfig {
+            requested_size: 128 * MIB,
+            ..qemu_config()
+        };
+        let f = probe(c"vmr-kunit-freeze-persistent-kexec", cfg, |s| {
+            s.persistent_suspend = true;
+            s.plug_device(cfg.addr, 256 * MIB);
+        })?;
+        f.vm.freeze(false)?;
+        f.vm.run();
+        assert_eq!(f.snap().requests, 0);
+        f.restore();
+        let s = f.snap();
+        assert_eq!(s.unplug_alls, 1);
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.invalid, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn suspend_to_idle_is_exempt() -> Result {
+        let mut f = probe(c"vmr-kunit-freeze-idle", qemu_config(), |_| {})?;
+        f.grow_online(256 * MIB)?;
+        // Suspend-to-idle resets nothing: the memory stays plugged, no feature needed.
+        f.vm.freeze(true)?;
+        f.restore();
+        assert_eq!(f.snap().device, 256 * MIB);
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(s.device, 0);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn freezer_stops_a_growing_round_between_requests() -> Result {
+        let mut f = probe(c"vmr-kunit-freeze-mid-plug", qemu_config(), |s| {
+            s.persistent_suspend = true;
+            // The freezer asks once two requests were answered.
+            s.freeze_after_requests = Some(2);
+        })?;
+        // Four memory blocks, one PLUG each.
+        f.resize(512 * MIB);
+        let s = f.snap();
+        assert_eq!(s.plugs, 2);
+        assert_eq!(s.device, 256 * MIB);
+        assert_eq!(s.driver, 256 * MIB);
+        assert_eq!(s.added, 2);
+        assert!(!s.broken);
+        // The worker asked for another round: after the thaw, not lost.
+        assert_eq!(s.last_delay, Some(0));
+        f.vm.freeze(false)?;
+        f.with(|s| {
+            s.freezing = false;
+            s.freeze_after_requests = None;
+        });
+        f.restore();
+        f.online_added()?;
+        let s = f.snap();
+        assert_eq!(s.device, 512 * MIB);
+        assert_eq!(s.added, 4);
+        assert_eq!(s.invalid, 0);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn freezer_stops_a_shrinking_round_between_requests() -> Result {
+        let mut f = probe(c"vmr-kunit-freeze-mid-unplug", qemu_config(), |s| {
+            s.persistent_suspend = true
+        })?;
+        let before = f.grow_online(512 * MIB)?;
+        f.with(|s| s.freeze_after_requests = Some(before.requests + 1));
+        f.resize(0);
+        let s = f.snap();
+        // One online block unplugged (and removed), then the round stopped: no page is
+        // left fake-offline while plugged, none handed out unplugged.
+        assert_eq!(s.unplugs, 1);
+        assert_eq!(s.device, 384 * MIB);
+        assert_eq!(s.driver, 384 * MIB);
+        assert_eq!(s.held, 0);
+        assert_eq!(s.buddy, 192);
+        assert_eq!(s.removed, 1);
+        assert_eq!(s.last_delay, Some(0));
+        assert_eq!(s.violations, 0);
+        f.vm.freeze(false)?;
+        f.with(|s| {
+            s.freezing = false;
+            s.freeze_after_requests = None;
+        });
+        f.restore();
+        let s = f.snap();
+        assert_eq!(s.device, 0);
+        assert_eq!(s.removed, 4);
+        assert_eq!(s.buddy + s.fake_offline, 0);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn freezer_asking_before_a_round_stops_it_at_once() -> Result {
+        let f = probe(c"vmr-kunit-freeze-before", qemu_config(), |s| {
+            s.freezing = true
+        })?;
+        f.resize(256 * MIB);
+        let s = f.snap();
+        assert_eq!(s.requests, 0);
+        assert_eq!(s.last_delay, Some(0));
+        assert!(f.mock.state.lock().freezing_asked > 0);
+        // Suspend aborted elsewhere: thawed without a freeze of the device.
+        f.with(|s| s.freezing = false);
+        f.vm.run();
+        assert_eq!(f.snap().device, 256 * MIB);
+        // Memory left by a kexec: not even UNPLUG_ALL goes out once the freezer asked.
+        let f = probe(c"vmr-kunit-freeze-before-kexec", qemu_config(), |s| {
+            s.plug_device(qemu_config().addr, 64 * MIB);
+            s.freezing = true;
+        })?;
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.requests, 0);
+        assert_eq!(s.last_delay, Some(0));
+        f.with(|s| s.freezing = false);
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.unplug_alls, 1);
+        assert_eq!(s.device, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn freezer_stops_between_tries_and_runs_of_a_block() -> Result {
+        // ZONE_MOVABLE: five tries to free a busy range; the freezer asks after the first.
+        let mut f = probe(c"vmr-kunit-freeze-tries", qemu_config(), |s| {
+            s.movable = true
+        })?;
+        let before = f.grow_online(128 * MIB)?;
+        f.with(|s| {
+            s.fail_fake_offline = u32::MAX;
+            s.freeze_after_tries = Some(1);
+        });
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(f.mock.state.lock().fake_offline_tries, 1);
+        assert_eq!(s.unplugs, before.unplugs);
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.buddy, before.buddy);
+        assert_eq!(s.last_delay, Some(0));
+        // A busy block is given back in halves: the freezer asks after the first half's
+        // UNPLUG, the second waits for the next round.
+        let mut f = probe(c"vmr-kunit-freeze-halves", qemu_config(), |_| {})?;
+        let before = f.grow_online(128 * MIB)?;
+        f.with(|s| {
+            s.fail_fake_offline = 1;
+            s.freeze_after_requests = Some(before.requests + 1);
+        });
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(s.unplugs, before.unplugs + 1);
+        assert_eq!(s.device, 64 * MIB);
+        assert_eq!(s.driver, 64 * MIB);
+        assert_eq!(s.held, 0);
+        assert_eq!(s.last_delay, Some(0));
+        f.with(|s| {
+            s.freezing = false;
+            s.freeze_after_requests = None;
+        });
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.device, 0);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn hibernation_is_refused() -> Result {
+        let f = probe(c"vmr-kunit-hibernate", qemu_config(), |_| {})?;
+        // Whatever is plugged: an image restored after a reset of the machine would land
+        // in memory the device took back.
+        assert_eq!(
+            f.vm.pm_event(PmEvent::HibernationPrepare),
+            NotifyAnswer::Bad
+        );
+        assert_eq!(f.vm.pm_event(PmEvent::RestorePrepare), NotifyAnswer::Bad);
+        assert_eq!(f.vm.pm_event(PmEvent::Other), NotifyAnswer::Ok);
+        // The device goes on.
+        f.resize(128 * MIB);
+        assert_eq!(f.snap().device, 128 * MIB);
+        Ok(())
+    }
+
+    #[test]
+    fn after_kexec_unplug_all_then_the_requested_size() -> Result {
+        // The kernel before a kexec left memory plugged, here and there.
+        let cfg = RawConfig {
+            requested_size: 384 * MIB,
+            ..qemu_config()
+        };
+        let f = probe(c"vmr-kunit-kexec", cfg, |s| {
+            s.plug_device(cfg.addr + 64 * MIB, 128 * MIB);
+            s.plug_device(cfg.addr + 900 * MIB, 2 * MIB);
+        })?;
+        assert!(f.vm.view(|v| v.unplug_all_required));
+        // UNPLUG_ALL answered BUSY: nothing else is sent, retried later.
+        f.script(&[answer(BUSY)])?;
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!((s.requests, s.unplug_alls), (1, 1));
+        assert_eq!(s.device, 130 * MIB);
+        assert!(s.last_delay.is_some_and(|d| d > 0));
+        // Then ACKed: all of it goes, and the requested size is plugged from scratch.
+        f.vm.run();
+        let s = f.snap();
+        let st = f.mock.state.lock();
+        let first_plug = st.requests.iter().position(|r| r.ty == PLUG);
+        let unplug_alls: usize = st.requests.iter().filter(|r| r.ty == UNPLUG_ALL).count();
+        drop(st);
+        assert_eq!(first_plug, Some(2));
+        assert_eq!(unplug_alls, 2);
+        assert_eq!(s.device, 384 * MIB);
+        assert_eq!(s.driver, 384 * MIB);
+        assert_eq!(s.unplugs, 0);
+        assert_eq!(s.invalid, 0);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+}
+
+/// A crash kernel's driver on the mock, the device holding what the crashed kernel had
+/// plugged: `plugged` (offset, size) ranges of the region.
+fn crash(name: &CStr, cfg: RawConfig, plugged: &[(u64, u64)]) -> Result<Fixture> {
+    probe(name, cfg, |s| {
+        s.kdump = true;
+        for &(off, size) in plugged {
+            s.plug_device(cfg.addr + off, size);
+        }
+    })
+}
+
+#[kunit_tests(virtio_mem_rust_kdump)]
+mod kdump_suite {
+    use super::*;
+
+    #[test]
+    fn crash_kernel_never_plugs_or_unplugs() -> Result {
+        let cfg = RawConfig {
+            requested_size: 512 * MIB,
+            ..qemu_config()
+        };
+        let f = crash(c"vmr-kunit-kdump", cfg, &[(0, 256 * MIB)])?;
+        // No region taken for memory hotplug, no UNPLUG_ALL, no plug towards the
+        // requested size.
+        assert_eq!(f.mock.state.lock().hotplug_inits, 0);
+        assert!(!f.vm.view(|v| v.unplug_all_required));
+        f.vm.run();
+        // Config changes are ignored.
+        f.resize(0);
+        f.resize(1 << 30);
+        f.vm.remove();
+        let s = f.snap();
+        assert_eq!(s.requests, 0);
+        assert_eq!(s.device, 256 * MIB);
+        assert_eq!(s.added, 0);
+        assert!(!s.broken);
+        Ok(())
+    }
+
+    #[test]
+    fn crash_kernel_without_vmcore_refuses_the_device() -> Result {
+        let (platform, transport) = new_mock(qemu_config())?;
+        let mock = platform.0.clone();
+        {
+            let mut s = mock.state.lock();
+            s.kdump = true;
+            s.vmcore = false;
+            s.plug_device(qemu_config().addr, 128 * MIB);
+        }
+        let reg = faux::Registration::new(c"vmr-kunit-kdump-no-vmcore", None)?;
+        let res = VirtioMem::new(platform, transport, reg.as_ref().into());
+        assert!(matches!(res, Err(e) if e == EBUSY));
+        let s = mock.state.lock();
+        assert_eq!(s.requests.len(), 0);
+        assert_eq!(s.device_plugged(), 128 * MIB);
+        Ok(())
+    }
+
+    #[test]
+    fn pfn_is_ram_asks_the_device_and_keeps_the_last_answer() -> Result {
+        let cfg = RawConfig {
+            usable_region_size: 512 * MIB,
+            ..qemu_config()
+        };
+        let f = crash(
+            c"vmr-kunit-pfn-is-ram",
+            cfg,
+            &[(0, 4 * MIB), (128 * MIB, 2 * MIB)],
+        )?;
+        let nr = |f: &Fixture| f.mock.state.lock().nr_requests(STATE);
+        // Outside the region: not the driver's to judge, nothing asked.
+        assert!(f.vm.pfn_is_ram(pfn_at(0) - 1));
+        assert!(f.vm.pfn_is_ram(pfn_at(1 << 30)));
+        assert_eq!(nr(&f), 0);
+        // A plugged block: asked once, then from the kept answer, page by page.
+        assert!(f.vm.pfn_is_ram(pfn_at(0)));
+        assert!(f.vm.pfn_is_ram(pfn_at(2 * MIB - PAGE)));
+        assert_eq!(nr(&f), 1);
+        assert!(f.vm.pfn_is_ram(pfn_at(2 * MIB)));
+        assert_eq!(nr(&f), 2);
+        // An unplugged block: not RAM, also kept.
+        assert!(!f.vm.pfn_is_ram(pfn_at(4 * MIB)));
+        assert!(!f.vm.pfn_is_ram(pfn_at(6 * MIB - PAGE)));
+        assert_eq!(nr(&f), 3);
+        assert!(f.vm.pfn_is_ram(pfn_at(129 * MIB)));
+        assert!(!f.vm.pfn_is_ram(pfn_at(130 * MIB)));
+        assert_eq!(nr(&f), 5);
+        // Beyond the usable region nothing can be plugged: not RAM, nothing asked.
+        assert!(!f.vm.pfn_is_ram(pfn_at(768 * MIB)));
+        assert_eq!(nr(&f), 5);
+        let st = f.mock.state.lock();
+        let one_block = st
+            .requests
+            .iter()
+            .all(|r| r.ty == STATE && r.nb_blocks == 1 && r.addr % (2 * MIB) == 0);
+        let addrs: KVec<u64> = {
+            let mut v = KVec::new();
+            for r in st.requests.iter() {
+                v.push(r.addr - cfg.addr, GFP_KERNEL)?;
+            }
+            v
+        };
+        assert_eq!(st.invalid_requests, 0);
+        drop(st);
+        assert!(one_block);
+        assert_eq!(&addrs[..], &[0, 2 * MIB, 4 * MIB, 128 * MIB, 130 * MIB][..]);
+        assert!(!f.snap().broken);
+        Ok(())
+    }
+
+    #[test]
+    fn pfn_is_ram_with_nothing_plugged_asks_nothing() -> Result {
+        let f = crash(c"vmr-kunit-pfn-empty", qemu_config(), &[])?;
+        assert!(!f.vm.pfn_is_ram(pfn_at(0)));
+        assert!(!f.vm.pfn_is_ram(pfn_at(512 * MIB)));
+        assert_eq!(f.snap().requests, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn hostile_state_answers_mean_not_ram() -> Result {
+        let state = |ty, state, used_len| Answer::RawState {
+            ty,
+            state,
+            used_len,
+        };
+        let hostile = [
+            answer(ERROR),
+            answer(NACK),
+            answer(BUSY),
+            answer(7),
+            answer(ACK),
+            // The state field left unwritten (poisoned), an unknown state, MIXED for a single block, an ACK without its state
+            // field, more than a response.
+            state(ACK, 3, 10),
+            state(ACK, STATE_MIXED, 10),
+            state(ACK, STATE_PLUGGED, 8),
+            state(ACK, STATE_PLUGGED, 11),
+            Answer::Stale,
+            Answer::Silent,
+            Answer::NeedsReset,
+        ];
+        for a in hostile {
+            pr_info!("STATE answered with {:?}\n", a);
+            // All of the device's memory is plugged: an honest answer would be RAM.
+            let f = crash(c"vmr-kunit-pfn-hostile", qemu_config(), &[(0, 1 << 30)])?;
+            f.script(&[a])?;
+            assert!(!f.vm.pfn_is_ram(pfn_at(0)));
+            assert!(!f.vm.pfn_is_ram(pfn_at(PAGE)));
+            // Given up on: nothing more is asked, nothing more is RAM.
+            assert!(f.snap().broken);
+            assert!(!f.vm.pfn_is_ram(pfn_at(64 * MIB)));
+            assert_eq!(f.snap().requests, 1);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn device_ram_is_exactly_the_plugged_ranges() -> Result {
+        let plugged = [
+            (0, 128 * MIB),
+            (130 * MIB, 4 * MIB),
+            (254 * MIB, 4 * MIB),
+            (1022 * MIB, 2 * MIB),
+        ];
+        let f = crash(c"vmr-kunit-device-ram", qemu_config(), &plugged)?;
+        let mut ranges = KVec::new();
+        f.vm.device_ram(|start, size| Ok(ranges.push((start, size), GFP_KERNEL)?))?;
+        let mut want = KVec::new();
+        for (off, size) in plugged {
+            want.push((qemu_config().addr + off, size), GFP_KERNEL)?;
+        }
+        assert_eq!(&ranges[..], &want[..]);
+        let s = f.snap();
+        // Whole memory blocks asked at once, halved only where they are MIXED.
+        assert!(s.requests < 100);
+        assert_eq!(s.invalid, 0);
+        // pfn_is_ram agrees, block by block.
+        for b in 0..512 {
+            let off = b * 2 * MIB;
+            let inside = plugged.iter().any(|&(o, sz)| o <= off && off < o + sz);
+            assert_eq!(f.vm.pfn_is_ram(pfn_at(off)), inside);
+        }
+        // Nothing plugged: no range, nothing asked.
+        let f = crash(c"vmr-kunit-device-ram-empty", qemu_config(), &[])?;
+        f.vm.device_ram(|_, _| Err(EINVAL))?;
+        assert_eq!(f.snap().requests, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn device_ram_fails_on_a_hostile_answer() -> Result {
+        let f = crash(
+            c"vmr-kunit-device-ram-error",
+            qemu_config(),
+            &[(0, 1 << 30)],
+        )?;
+        f.script(&[answer(ERROR)])?;
+        assert_eq!(f.vm.device_ram(|_, _| Ok(())), Err(EIO));
+        assert!(f.snap().broken);
+        assert!(!f.vm.pfn_is_ram(pfn_at(0)));
+        assert_eq!(f.snap().requests, 1);
+        // MIXED all the way down: halved to a single block, where MIXED is no answer.
+        let f = crash(
+            c"vmr-kunit-device-ram-mixed",
+            qemu_config(),
+            &[(0, 1 << 30)],
+        )?;
+        let mixed = Answer::RawState {
+            ty: ACK,
+            state: STATE_MIXED,
+            used_len: 10,
+        };
+        f.script(&[mixed; 7])?;
+        assert_eq!(f.vm.device_ram(|_, _| Ok(())), Err(EIO));
+        let st = f.mock.state.lock();
+        let sizes: KVec<u16> = {
+            let mut v = KVec::new();
+            for r in st.requests.iter() {
+                v.push(r.nb_blocks, GFP_KERNEL)?;
+            }
+            v
+        };
+        drop(st);
+        assert_eq!(&sizes[..], &[64, 32, 16, 8, 4, 2, 1][..]);
+        assert!(f.snap().broken);
         Ok(())
     }
 }

@@ -31,8 +31,10 @@
 //! timeouts after which the device did the request), resizes while a request is in flight,
 //! `add_memory` failures, removal failures, `alloc_contig_range` failures, onlining and
 //! offlining by other threads while the worker has dropped its lock, and notifier
-//! refusals, torn config reads, a guest short of memory, and (in a tenth of the cases, not
-//! QEMU) a usable region shrunk without UNPLUG_ALL. Invariants are checked at every point
+//! refusals, torn config reads, a guest short of memory, system sleep (the freezer asking
+//! the worker to stop in the middle of a round, the device frozen and restored, with or
+//! without `VIRTIO_MEM_F_PERSISTENT_SUSPEND`, to idle or deeper), and (in a tenth of the
+//! cases, not QEMU) a usable region shrunk without UNPLUG_ALL. Invariants are checked at every point
 //! where another thread could look (the worker's lock is free) and at every request and
 //! page hand-over; at the end the script stops injecting, and the driver must converge on
 //! the requested size within the limits it has (whole memory blocks inside the usable
@@ -53,17 +55,22 @@
 //! buddy, and never so much that the guest is left less than its margin; the driver's
 //! page references are dropped and taken back exactly once per offlining; no block is
 //! added while the offline threshold is reached; every page of an onlined block is either
-//! onlined or kept fake-offline.
+//! onlined or kept fake-offline; a round asked to freeze stops within the step it is in
+//! (at most the requests of one memory block's run and its undo), no request reaches a
+//! frozen device (also one frozen while the worker's lock is free), and sleep is refused
+//! when memory is plugged that the device would not keep (and allowed when nothing is,
+//! unless a request got ERROR, an invalid answer or none: the driver then takes its range
+//! as of unknown state).
 //!
 //! A failing case is kept in `proptest-regressions/` and replayed first by every later
 //! run; every run prints its seed (`VMR_HOST_SEED=<hex>` replays the whole run).
 
 use crate::config::{Geometry, Limits, RawConfig};
-use crate::device::{MemEvent, NotifyAnswer, View, VirtioMem};
+use crate::device::{MemEvent, NotifyAnswer, PmEvent, View, VirtioMem};
 use crate::headroom::MemInfo;
 use crate::pages::{self, Move, Page};
 use crate::platform::{Platform, Transport};
-use crate::protocol::{RequestType, REQUEST_SIZE, RESPONSE_SIZE};
+use crate::protocol::{split_run, RequestType, REQUEST_SIZE, RESPONSE_SIZE};
 use crate::qemu::{self, Blocks, Invalid};
 use crate::sbm::{MbState, Plugged};
 use kernel::{
@@ -297,6 +304,15 @@ enum Op {
     Squeeze(u8),
     /// The device sets `VIRTIO_CONFIG_S_NEEDS_RESET` (QEMU's `virtio_error()`), if `n < 8`.
     NeedsReset(u8),
+    /// System sleep: the freezer asks the worker to freeze after `after % 4` requests of
+    /// the round the `tape` scripts (if it runs), then the device is frozen (to idle or
+    /// deeper), the operator may pick a size meanwhile (`resize`), the device is restored.
+    Suspend {
+        after: u8,
+        to_idle: bool,
+        resize: Option<u8>,
+        tape: Vec<u8>,
+    },
 }
 
 /// Which device misbehaviour the script may inject.
@@ -357,6 +373,8 @@ struct Case {
     udev_onlines: bool,
     /// The device may shrink its usable region without UNPLUG_ALL (`Op::Shrink`).
     hostile: bool,
+    /// `VIRTIO_MEM_F_PERSISTENT_SUSPEND` negotiated.
+    persistent: bool,
 }
 
 // ---- coverage ----------------------------------------------------------------------------
@@ -408,6 +426,11 @@ stats!(
     shrink_kept,
     removed_offline_at_unbind,
     needs_reset,
+    suspends,
+    suspend_refused,
+    frozen_with_memory,
+    round_stopped_for_sleep,
+    frozen_behind_the_worker,
     refused_after_unbind,
     shrink_refused,
     waits_after_nack,
@@ -499,6 +522,18 @@ struct World {
     /// page callback); `Some(errno)` makes it fail.
     hotplug_ready: bool,
     hotplug_fails: Option<Error>,
+    /// `Case::persistent`.
+    persistent_suspend: bool,
+    /// The freezer asks the worker to freeze once this many requests of the round were
+    /// answered.
+    freeze_after: Option<u64>,
+    /// The freezer has asked, and the requests sent since.
+    freezing: bool,
+    requests_while_freezing: u64,
+    /// Between the device's freeze and restore: it has no queue.
+    frozen: bool,
+    /// Frozen while the worker's lock was free: restored after the run.
+    restore_after_run: bool,
     /// Every line the driver logged, in order.
     logged: Vec<String>,
     trace: VecDeque<String>,
@@ -627,9 +662,10 @@ impl World {
             0 => RequestType::Plug,
             1 => RequestType::Unplug,
             2 => RequestType::UnplugAll,
+            // STATE only in a crash kernel, which this is not.
             t => fail!(
                 self,
-                "request of unknown type {t} (virtio-mem protocol violation)"
+                "request of type {t} (STATE outside a crash kernel, or unknown)"
             ),
         };
         let addr = u64::from_le_bytes(req[8..16].try_into().unwrap());
@@ -643,6 +679,32 @@ impl World {
                 "{} sent with a response buffer not poisoned: {resp:x?}",
                 ty.name()
             );
+        }
+        if self.frozen {
+            fail!(
+                self,
+                "{} {:#x} ({} blocks) sent to a frozen device (it has no queue)",
+                ty.name(),
+                addr,
+                nb
+            );
+        }
+        if self.freezing {
+            // What the step under way may still send: one memory block's run, split into
+            // requests, and the undo of its plug if adding it failed.
+            let bound = 2 * split_run(self.sbs, self.geo.blocks_per_sb()).count() as u64;
+            self.requests_while_freezing += 1;
+            if self.requests_while_freezing > bound {
+                fail!(
+                    self,
+                    "{} {:#x} ({} blocks): request {} since the freezer asked (at most {})",
+                    ty.name(),
+                    addr,
+                    nb,
+                    self.requests_while_freezing,
+                    bound
+                );
+            }
         }
         self.stats.requests += 1;
         self.requests_this_run += 1;
@@ -812,15 +874,32 @@ impl World {
                     self.told_plugged = 0;
                     self.unplug_all_pending = false;
                 }
+                RequestType::State => unreachable!("STATE fails the case above"),
             }
         } else if ty == RequestType::Unplug && self.undoing.is_some() {
             self.stats.add_undo_incomplete += 1;
+        }
+        // The freezer asks between this request and the next.
+        if self
+            .freeze_after
+            .is_some_and(|n| self.requests_this_run >= n)
+        {
+            self.ask_to_freeze();
         }
         let (t, len) = answer.map_err(|()| ETIMEDOUT)?;
         if t != 0xffff {
             resp[0..2].copy_from_slice(&t.to_le_bytes());
         }
         Ok(len)
+    }
+
+    /// The freezer asks the worker to freeze (system sleep).
+    fn ask_to_freeze(&mut self) {
+        if !self.freezing {
+            trace!(self, "freezer: the worker is asked to freeze");
+            self.freezing = true;
+            self.requests_while_freezing = 0;
+        }
     }
 
     /// QEMU's own answer.
@@ -833,6 +912,7 @@ impl World {
             }
             RequestType::Plug => self.dev.state_change(addr, nb, true),
             RequestType::Unplug => self.dev.state_change(addr, nb, false),
+            RequestType::State => unreachable!("STATE fails the case above"),
         };
         if r == RESP_ERROR && self.hostile {
             // The device's own fault: it shrank the usable region under the driver.
@@ -1096,7 +1176,9 @@ impl World {
                 );
             }
             let device_fault = self.device_broke.is_some() || self.garbled || self.hostile;
-            if level == Level::Err && !device_fault {
+            // Refusing to suspend is the driver's answer to the PM core, checked there.
+            let refusal = has("suspending with plugged memory is not supported");
+            if level == Level::Err && !device_fault && !refusal {
                 fail!(
                     self,
                     "the driver logs an error while nothing went wrong: {line}"
@@ -1640,6 +1722,28 @@ impl Sim {
     fn lock_dropped(&self, what: &str) {
         self.check(what);
         self.concurrent();
+        self.frozen_behind_the_worker();
+    }
+
+    /// The device is frozen (to idle: always allowed) while the worker has dropped its
+    /// lock, as if the freezer had not waited for it: the round must send nothing more.
+    /// Restored after the run.
+    fn frozen_behind_the_worker(&self) {
+        {
+            let mut w = self.w();
+            if w.frozen || w.unbinding || w.tape.front().is_none_or(|&b| b < 250) {
+                return;
+            }
+            w.byte();
+            w.stats.frozen_behind_the_worker += 1;
+            trace!(w, "device frozen while the worker's lock is free");
+        }
+        if let Err(e) = self.vm().freeze(true) {
+            fail!(self.w(), "freeze to idle failed: {e:?}");
+        }
+        let mut w = self.w();
+        w.frozen = true;
+        w.restore_after_run = true;
     }
 
     // ---- the script ----
@@ -1667,6 +1771,12 @@ impl Sim {
         self.w().driver_took_lock();
         self.check("after a run");
         self.w().tape = saved;
+        if std::mem::take(&mut self.w().restore_after_run) {
+            self.w().frozen = false;
+            self.vm().restore();
+            self.w().kick = true;
+            trace!(self.w(), "device restored");
+        }
     }
 
     /// The first block from `from` on (wrapping around) for which `want` holds.
@@ -1762,6 +1872,12 @@ impl Sim {
                     w.config_interrupt();
                 }
             }
+            Op::Suspend {
+                after,
+                to_idle,
+                resize,
+                tape,
+            } => self.suspend(*after, *to_idle, *resize, tape.clone()),
             Op::Squeeze(n) => {
                 // Processes take or give back memory outside the device: from none free to
                 // about twice the margin.
@@ -1772,6 +1888,109 @@ impl Sim {
             }
         }
         self.check("after an operation");
+    }
+
+    /// System sleep (see [`Op::Suspend`]): the freezer, the device's freeze, restore, thaw.
+    fn suspend(&self, after: u8, to_idle: bool, resize: Option<u8>, tape: Vec<u8>) {
+        {
+            let mut w = self.w();
+            w.stats.suspends += 1;
+            let after = u64::from(after % 4);
+            trace!(
+                w,
+                "system sleep (to idle {to_idle}): freezer asks after {after} requests"
+            );
+            w.freeze_after = Some(after);
+            if after == 0 {
+                w.ask_to_freeze();
+            }
+        }
+        // The worker, if kicked, is in a round when the freezer asks: the round stops
+        // between requests and kicks itself again.
+        let runs = self.w().stats.runs;
+        let kicked = {
+            let w = self.w();
+            w.kick || w.timer
+        };
+        self.wake(tape);
+        {
+            let mut w = self.w();
+            w.freeze_after = None;
+            // The worker is frozen now (in its wait, or after the round stopped); if it
+            // was not asked during its round, it was asked before its next.
+            w.ask_to_freeze();
+            if kicked && w.stats.runs > runs && w.kick {
+                w.stats.round_stopped_for_sleep += 1;
+            }
+        }
+        let vm = self.vm();
+        let res = vm.freeze(to_idle);
+        self.check("after freeze");
+        let mut w = self.w();
+        w.read_log();
+        // Memory the device has, or may have: the driver takes the range of a request
+        // answered ERROR, invalid or not at all as of unknown state (as at unbind).
+        let plugged = w.dev.size() != 0;
+        let maybe = plugged
+            || w.told_plugged != 0
+            || w.unplug_all_pending
+            || w.lost
+            || !w.unknown.is_empty();
+        let keeps = to_idle || w.persistent_suspend;
+        match res {
+            Err(e) if e != EPERM => fail!(w, "freeze failed with {e:?}"),
+            Err(_) if keeps || !maybe => fail!(
+                w,
+                "freeze refused with nothing plugged that the device would lose (plugged \
+                 {:#x}, to idle {to_idle}, persistent {})",
+                w.dev.size(),
+                w.persistent_suspend
+            ),
+            Ok(()) if plugged && !keeps => fail!(
+                w,
+                "freeze allowed with {:#x} plugged: the device would lose it",
+                w.dev.size()
+            ),
+            Err(_) => {
+                // The PM core gives up: everything is thawed; the worker goes on.
+                w.stats.suspend_refused += 1;
+                trace!(w, "freeze refused: thaw");
+                w.freezing = false;
+                return;
+            }
+            Ok(()) => {}
+        }
+        if plugged {
+            w.stats.frozen_with_memory += 1;
+        }
+        // The glue resets the device and deletes its queue.
+        w.frozen = true;
+        trace!(w, "device frozen");
+        if let Some(sel) = resize {
+            // A change while frozen: the virtio core holds its notification until restore.
+            let size = w.choices[usize::from(sel) % w.choices.len()];
+            w.dev.set_requested(size);
+            trace!(w, "operator (while asleep): requested-size {size:#x}");
+        }
+        if !to_idle && !w.persistent_suspend {
+            // A wakeup from S3 without the feature resets the machine: QEMU unplugs all
+            // (nothing is plugged here, but the usable region may shrink).
+            w.dev.unplug_all();
+            trace!(w, "machine reset at wakeup");
+        }
+        // A kick or the retry timer while frozen: the worker must send nothing.
+        w.kick = true;
+        drop(w);
+        self.wake(Vec::new());
+        // Restore: a new queue, the device ready, the worker kicked; then the thaw.
+        let mut w = self.w();
+        w.frozen = false;
+        trace!(w, "device restored");
+        drop(w);
+        vm.restore();
+        let mut w = self.w();
+        w.kick = true;
+        w.freezing = false;
     }
 
     /// No more faults: the driver must reach the requested size, within its limits.
@@ -1978,6 +2197,22 @@ impl Platform for HostPlatform {
 
     fn has_acpi_pxm(&self) -> bool {
         false
+    }
+
+    fn has_persistent_suspend(&self) -> bool {
+        self.0.w().persistent_suspend
+    }
+
+    fn is_kdump_kernel(&self) -> bool {
+        false
+    }
+
+    fn has_vmcore(&self) -> bool {
+        true
+    }
+
+    fn freezing(&self) -> bool {
+        self.0.w().freezing
     }
 
     fn hotplug_init(&self, addr: u64, size: u64, _nid: i32, unit: u64) -> Result<(), Error> {
@@ -2210,6 +2445,12 @@ fn probe_unstarted(case: &Case, faults: Faults) -> Sim {
         needs_reset: false,
         hotplug_ready: false,
         hotplug_fails: None,
+        persistent_suspend: case.persistent,
+        freeze_after: None,
+        freezing: false,
+        requests_while_freezing: 0,
+        frozen: false,
+        restore_after_run: false,
         logged: Vec::new(),
         trace: VecDeque::new(),
         trace_cap: 80,
@@ -2334,6 +2575,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::Shrink),
         1 => any::<u8>().prop_map(Op::Squeeze),
         1 => any::<u8>().prop_map(Op::NeedsReset),
+        1 => (any::<u8>(), prop::bool::weighted(0.3), prop::option::weighted(0.3, any::<u8>()), tape())
+            .prop_map(|(after, to_idle, resize, tape)| Op::Suspend { after, to_idle, resize, tape }),
     ]
 }
 
@@ -2363,6 +2606,7 @@ fn case_with(len: std::ops::Range<usize>) -> impl Strategy<Value = Case> {
         any::<u8>(),
         prop::bool::weighted(0.8),
         prop::bool::weighted(0.1),
+        prop::bool::weighted(0.5),
     );
     (geometry, setup, prop::collection::vec(op(), len)).prop_map(
         |(
@@ -2375,6 +2619,7 @@ fn case_with(len: std::ops::Range<usize>) -> impl Strategy<Value = Case> {
                 final_requested,
                 udev_onlines,
                 hostile,
+                persistent,
             ),
             ops,
         )| Case {
@@ -2395,6 +2640,7 @@ fn case_with(len: std::ops::Range<usize>) -> impl Strategy<Value = Case> {
             final_requested,
             udev_onlines,
             hostile,
+            persistent,
         },
     )
 }
@@ -2490,6 +2736,7 @@ fn small() -> Case {
         final_requested: 0,
         udev_onlines: false,
         hostile: false,
+        persistent: false,
     }
 }
 
@@ -2866,4 +3113,48 @@ fn failed_removal_of_an_emptied_block_is_retried() {
     w.wake(vec![]);
     assert!(!w.w().blocks[0].added);
     assert_eq!(w.state(0), MbState::Unused);
+}
+
+/// Hibernation and restoring an image are refused, one clear line each, whatever is
+/// plugged; other PM events pass.
+#[test]
+fn hibernation_is_refused_with_one_clear_line() {
+    let w = booted(small());
+    let vm = w.vm();
+    assert_eq!(vm.pm_event(PmEvent::HibernationPrepare), NotifyAnswer::Bad);
+    assert_eq!(vm.pm_event(PmEvent::Other), NotifyAnswer::Ok);
+    assert_eq!(vm.pm_event(PmEvent::RestorePrepare), NotifyAnswer::Bad);
+    let log = w.w().log.take_log();
+    let line = |what: &str| {
+        (
+            Level::Err,
+            format!("hibernation is not supported with a virtio-mem device: {what} refused\n"),
+        )
+    };
+    assert_eq!(
+        log,
+        vec![line("hibernation"), line("restoring a hibernation image")]
+    );
+}
+
+/// Suspend with memory plugged and without VIRTIO_MEM_F_PERSISTENT_SUSPEND is refused with
+/// a line that says what and why; suspend-to-idle and a device with the feature are not.
+#[test]
+fn suspend_refusal_says_why() {
+    let w = booted(small());
+    w.resize_to(MB);
+    w.wake(vec![]);
+    let vm = w.vm();
+    assert_eq!(vm.freeze(false), Err(EPERM));
+    let log = w.w().log.take_log();
+    let told = "suspending with plugged memory is not supported: 0x8000000 plugged, and the \
+                device does not keep it while suspended (no VIRTIO_MEM_F_PERSISTENT_SUSPEND); \
+                suspend refused\n";
+    assert_eq!(log, vec![(Level::Err, told.to_string())]);
+    assert_eq!(vm.freeze(true), Ok(()));
+    vm.restore();
+    w.w().persistent_suspend = true;
+    assert_eq!(vm.freeze(false), Ok(()));
+    vm.restore();
+    assert!(w.w().log.take_log().is_empty());
 }

@@ -2,7 +2,10 @@
 
 use crate::config::{Geometry, Limits, RawConfig, Sizes};
 use crate::headroom::{MemInfo, Say, Stall, DROP_SLAB_MIN, MARGIN_SHIFT, MIN_MARGIN};
-use crate::protocol::{split_run, BadResponse, Response, MAX_BLOCKS_PER_REQUEST};
+use crate::protocol::{
+    encode_request, split_run, BadResponse, BlockState, RequestType, Response, StateAnswer,
+    MAX_BLOCKS_PER_REQUEST,
+};
 use crate::retry::{Backoff, DROP_SLAB_AFTER, MAX_MS, MIN_MS};
 use crate::sbm::{MbState, OnlineCursor, PlugStep, Plugged, Sbm, UnplugStep};
 use proptest::prelude::*;
@@ -255,6 +258,67 @@ fn responses_are_checked() {
     assert_eq!(Response::parse(0, 11), Err(BadResponse::Length(11)));
     assert_eq!(Response::parse(0xffff, 10), Err(BadResponse::Type(0xffff)));
     assert_eq!(Response::parse(4, 10), Err(BadResponse::Type(4)));
+}
+
+/// An answer to STATE as the device writes it: type, state, used length.
+fn state_answer(ty: u16, state: u16, used_len: u32) -> Result<StateAnswer, BadResponse> {
+    let mut buf = crate::protocol::RESPONSE_POISON;
+    buf[0..2].copy_from_slice(&ty.to_le_bytes());
+    buf[8..10].copy_from_slice(&state.to_le_bytes());
+    StateAnswer::decode(&buf, used_len)
+}
+
+/// STATE is request type 3 (`VIRTIO_MEM_REQ_STATE`) with the address and block count of
+/// PLUG; its answer is untrusted: an ACK must hold the state field (all 10 bytes) and a
+/// known state; other valid types are handed to the caller, invalid ones refused as for
+/// every request.
+#[test]
+fn state_requests_and_answers_are_checked() {
+    let req = encode_request(RequestType::State, 0x1_2345_6000, 0x1234);
+    let mut want = [0u8; 24];
+    want[0] = 3;
+    want[8..16].copy_from_slice(&0x1_2345_6000u64.to_le_bytes());
+    want[16..18].copy_from_slice(&0x1234u16.to_le_bytes());
+    assert_eq!(req, want);
+    assert_eq!(RequestType::State.name(), "STATE");
+
+    assert_eq!(
+        state_answer(0, 0, 10),
+        Ok(StateAnswer::Ack(BlockState::Plugged))
+    );
+    assert_eq!(
+        state_answer(0, 1, 10),
+        Ok(StateAnswer::Ack(BlockState::Unplugged))
+    );
+    assert_eq!(
+        state_answer(0, 2, 10),
+        Ok(StateAnswer::Ack(BlockState::Mixed))
+    );
+    // Unknown states, in both bytes of the field.
+    assert_eq!(state_answer(0, 3, 10), Err(BadResponse::State(3)));
+    assert_eq!(state_answer(0, 0x100, 10), Err(BadResponse::State(0x100)));
+    // An ACK that does not reach the state field (what is there is poison, or stale).
+    for len in 2..10 {
+        assert_eq!(state_answer(0, 0, len), Err(BadResponse::NoState(len)));
+    }
+    assert_eq!(state_answer(0, 0, 11), Err(BadResponse::Length(11)));
+    assert_eq!(state_answer(0, 0, 1), Err(BadResponse::Length(1)));
+    // Other types need no state: the caller decides (ERROR: invalid request).
+    assert_eq!(
+        state_answer(3, 0xffff, 2),
+        Ok(StateAnswer::Other(Response::Error))
+    );
+    assert_eq!(
+        state_answer(2, 0, 10),
+        Ok(StateAnswer::Other(Response::Busy))
+    );
+    assert_eq!(state_answer(9, 0, 10), Err(BadResponse::Type(9)));
+    // Nothing written: the poison is an unknown type.
+    let poison = crate::protocol::RESPONSE_POISON;
+    assert_eq!(
+        StateAnswer::decode(&poison, 10),
+        Err(BadResponse::Type(0xffff))
+    );
 }
 
 #[test]
