@@ -18,6 +18,8 @@ BINDGEN_PIN=0.73.2
 LIBCLANG_PIN=18.1.1
 QEMU_QMP_PIN=0.0.6
 PYTEST_PIN=8.3.5
+# kexec and its crash-kernel loader in the guest's initramfs (from this machine's suite).
+KEXEC_TOOLS_PIN=1:2.0.25-3+deb12u3
 
 # Debian's own cloud kernel of that source: its configuration is the rust kernel's base; the
 # kernel binary and its virtio_mem.ko are the C driver's reference, exactly as users run it.
@@ -33,6 +35,7 @@ KBUILD_DEBUG=$CACHE/kbuild-debug
 # The small kernel with the C driver built in (make mutants loads the driver into it).
 KBUILD_TINY=$CACHE/kbuild-upstream
 VENV=$CACHE/venv
+KEXEC_TOOLS=$CACHE/kexec-tools
 JOBS=${JOBS:-$(( $(nproc) + 1 ))}
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

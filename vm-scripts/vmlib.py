@@ -35,11 +35,14 @@ DRIVERS = {"rust": "virtio_mem_rust", "upstream": "virtio_mem", "debug": "virtio
            "tiny": "virtio_mem"}
 # Kernel command line of each kernel, before the caller's. The debug kernel (lockdep,
 # DEBUG_VM, DEBUG_ATOMIC_SLEEP, KFENCE, PAGE_OWNER; vm-scripts/debug.config) panics on any
-# WARN, KFENCE report included, and records the owner of every page. Debian's kernel loads
-# its C driver from the initramfs (KERNEL_FILES) as soon as init starts.
-KERNEL_APPEND = {"debug": "panic_on_warn=1 page_owner=on", "upstream": "vmr.insmod=1"}
+# WARN, KFENCE report included, and records the owner of every page. The rust kernel and
+# Debian's load their driver module from the initramfs (KERNEL_FILES) as soon as init starts,
+# as a distribution's initramfs would.
+KERNEL_APPEND = {"debug": "panic_on_warn=1 page_owner=on", "upstream": "vmr.insmod=1",
+                 "rust": "vmr.insmod=1"}
 # Files a kernel needs in the initramfs: path inside it -> file on the host.
-KERNEL_FILES = {"upstream": {"lib/vmr/virtio_mem.ko": BUILD / "upstream" / "virtio_mem.ko"}}
+KERNEL_FILES = {"upstream": {"lib/vmr/virtio_mem.ko": BUILD / "upstream" / "virtio_mem.ko"},
+                "rust": {"lib/vmr/virtio_mem_rust.ko": BUILD / "rust" / "virtio_mem_rust.ko"}}
 # How much slower a kernel is than the rust kernel under TCG: every timeout of a Vm is
 # multiplied by it. Measured on 2 host cores: the debug kernel boots in 7-9 s (rust: 3 s),
 # grows 0 -> 4G in 2.2 s (0.2 s), shrinks 4G -> 0 in 2.3-5 s (0.3-1.2 s), writes 1.5 GiB
@@ -104,6 +107,15 @@ def cpio_newc(files: dict[str, bytes]) -> bytes:
     return gzip.compress(out.getvalue())
 
 
+def initramfs(kernel: str | None, extra_files: dict[str, bytes] | None = None) -> bytes:
+    """The initramfs a Vm of `kernel` boots with: build/initramfs.cpio.gz, then the kernel's
+    own files (KERNEL_FILES) and `extra_files` (the latter win), appended as one archive."""
+    extra = {k: v.read_bytes() for k, v in KERNEL_FILES.get(kernel, {}).items()}
+    extra.update(extra_files or {})
+    base = (BUILD / "initramfs.cpio.gz").read_bytes()
+    return base + cpio_newc(extra) if extra else base
+
+
 class GuestError(RuntimeError):
     pass
 
@@ -119,8 +131,8 @@ class Vm:
 
     def __init__(self, kernel: str | Path = "rust", *, requested: str | int = 0,
                  block_size: str | None = None, device_size: str | int = "8G", append: str = "",
-                 extra_files: dict[str, bytes] | None = None,
-                 interactive: bool = False, workdir: Path | None = None):
+                 extra_files: dict[str, bytes] | None = None, qemu_args: list[str] = (),
+                 reboot: bool = False, interactive: bool = False, workdir: Path | None = None):
         self.name = str(kernel) if str(kernel) in KERNELS else None
         self.kernel = Path(KERNELS.get(str(kernel), kernel))
         self.slowdown = SLOWDOWN.get(self.name, 1.0)
@@ -129,6 +141,13 @@ class Vm:
         self.device_size = parse_size(device_size)
         self.append = append
         self.extra_files = extra_files or {}
+        # More QEMU arguments; reboot=True lets a guest reboot (QEMU resets the machine)
+        # instead of ending QEMU (-no-reboot).
+        self.qemu_args = list(qemu_args)
+        self.reboot = reboot
+        # Console lines before this offset are not checked by bad_console_lines() (a test
+        # that crashes the guest on purpose checks them itself first).
+        self.console_checked_from = 0
         self.interactive = interactive
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="vmr-vm-"))
         self.proc: subprocess.Popen | None = None
@@ -143,12 +162,11 @@ class Vm:
         for f in (self.kernel, BUILD / "initramfs.cpio.gz"):
             if not f.exists():
                 raise FileNotFoundError(f"{f} is missing: run `make kernels initramfs` first")
-        initrd = BUILD / "initramfs.cpio.gz"
-        extra = {k: v.read_bytes() for k, v in KERNEL_FILES.get(self.name, {}).items()}
-        extra.update(self.extra_files)
-        if extra:
-            initrd = self.dir / "initramfs.cpio.gz"
-            initrd.write_bytes((BUILD / "initramfs.cpio.gz").read_bytes() + cpio_newc(extra))
+        for f in KERNEL_FILES.get(self.name, {}).values():
+            if not f.exists():
+                raise FileNotFoundError(f"{f} is missing: run `make kernels` first")
+        initrd = self.dir / "initramfs.cpio.gz"
+        initrd.write_bytes(initramfs(self.name, self.extra_files))
         dev = f"virtio-mem-pci,id=vm0,memdev=mem0,requested-size={self.requested}"
         if self.block_size:
             dev += f",block-size={self.block_size}"
@@ -160,7 +178,8 @@ class Vm:
             "-kernel", str(self.kernel), "-initrd", str(initrd),
             "-append", " ".join(filter(None, ("console=ttyS0 loglevel=5 panic=-1",
                                               KERNEL_APPEND.get(self.name), self.append))),
-            "-nodefaults", "-no-user-config", "-nic", "none", "-display", "none", "-no-reboot",
+            "-nodefaults", "-no-user-config", "-nic", "none", "-display", "none",
+            *([] if self.reboot else ["-no-reboot"]), *self.qemu_args,
         ]
         if self.interactive:
             cmd += ["-serial", "mon:stdio"]
@@ -186,8 +205,25 @@ class Vm:
         self.qmp.connect()
         self.ser = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.ser.connect(str(self.dir / "serial.sock"))
-        self._read_until(re.compile(rb"vmr-init: ready"), timeout)
+        self.wait_ready(timeout / self.slowdown)
         return self
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Waits for the initramfs's init to say it is ready (after a boot, a reboot or a
+        kexec), then for the shell: BusyBox's banner is read here, not by the first run()."""
+        self._read_until(re.compile(rb"vmr-init: ready"), timeout * self.slowdown)
+        self.run(":")
+
+    def expect(self, pattern: bytes, timeout: float = 60) -> re.Match:
+        """Waits for `pattern` on the console (after a send())."""
+        return self._read_until(re.compile(pattern), timeout * self.slowdown)
+
+    def send(self, cmd: str) -> None:
+        """Types `cmd` into the guest's shell without waiting for it (a command after which
+        the shell does not come back: kexec -e, a crash, reboot -f)."""
+        assert self.ser
+        self._buf = b""
+        self.ser.sendall(f"{cmd.rstrip()}\n".encode())
 
     def stop(self) -> None:
         if self.qmp:
@@ -356,7 +392,8 @@ class Vm:
         return total
 
     def bad_console_lines(self) -> list[str]:
-        return [l for l in self.console().splitlines() if BAD_CONSOLE.search(l)]
+        return [l for l in self.console()[self.console_checked_from:].splitlines()
+                if BAD_CONSOLE.search(l)]
 
     def debug_state(self) -> dict[str, int]:
         """The debug kernel's checkers as the guest reports them: lockdep's debug_locks (0
