@@ -7,7 +7,8 @@
 #   make test    set up, build and run every test (style, host, KUnit, boot), with counts
 #   make bench   the resize scenarios on both kernels, timed over QMP
 #   make run     an interactive VM (Ctrl-A c for the QEMU monitor)
-#   make soak    the memory-pressure boot tests with a 300 s stall window, C driver beside
+#   make soak    the memory-pressure boot tests with a 300 s stall window, C driver beside,
+#                also on the debug kernel
 #   make mutants-host  cargo-mutants over drivers/*.rs, judged by the host tests
 
 SHELL := /bin/bash

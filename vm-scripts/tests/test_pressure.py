@@ -41,8 +41,9 @@ EVERY = 10.0
 # kernel, so 10 s is plenty for both and a stall of the guest shows as a timeout).
 ANSWER = 10.0
 # Whether the upstream C driver runs each data scenario once per session for comparison:
-# `make soak` sets VMR_PRESSURE_REFERENCE=1. Not in `make test`, for CI's time: on 2 cores
-# the six tests took 31 minutes in all (3.5 to 7 each), the two reference runs 5 more
+# `make soak` sets VMR_PRESSURE_REFERENCE=1, which also runs the debug kernel's scenarios.
+# Not in `make test`, for CI's time: on 2 cores the six tests took 31 minutes in all (3.5 to
+# 7 each), the two reference runs 5 more
 # (movable 200 s: the guest survives, but the OOM killer takes its shell 10 s after the
 # request; default policy 90 s: the guest panics 30 s after the request).
 REFERENCE = os.environ.get("VMR_PRESSURE_REFERENCE", "0") == "1"
@@ -322,7 +323,13 @@ def test_shrink_beyond_what_the_data_leaves(boot, kernel, policy):
 
     Before the fix the driver took every free page: the guest OOM-killed init and panicked
     about 500 s later. With VMR_PRESSURE_REFERENCE=1 the C driver's outcome in the same
-    scenario is printed too."""
+    scenario is printed too.
+
+    On the debug kernel it runs only with VMR_PRESSURE_REFERENCE=1 (`make soak`): 340 s
+    (movable) and 396 s (default) there on the Debian-config CI set, which a cold CI run,
+    30 minutes of it building the rust kernel, cannot spare (both passed there, 2026-12-02)."""
+    if kernel == "debug" and not REFERENCE:
+        pytest.skip("debug kernel: run by `make soak` (VMR_PRESSURE_REFERENCE=1), not in CI's time")
     sc = SCENARIOS[policy]
     ref = reference(policy)
     print(f"upstream C driver, {policy}: {ref}", flush=True)
