@@ -8,7 +8,7 @@
 #   make bench   the resize scenarios on both kernels, timed over QMP
 #   make run     an interactive VM (Ctrl-A c for the QEMU monitor)
 #   make soak    the memory-pressure boot tests with a 300 s stall window, C driver beside,
-#                also on the debug kernel
+#                also on the debug kernel; the lifecycle tests beside the C driver
 #   make mutants-host  cargo-mutants over drivers/*.rs, judged by the host tests
 
 SHELL := /bin/bash
@@ -57,10 +57,13 @@ vm-tests: kernels initramfs
 	$(PY) -m pytest -v -rA vm-scripts/tests $(PYTEST_ARGS)
 
 # Issue 9's scenarios (vm-scripts/tests/test_pressure.py) with the guest watched for 300 s
-# while the shrink cannot go on (120 s in vm-tests), each beside the upstream C driver's run.
+# while the shrink cannot go on (120 s in vm-tests), each beside the upstream C driver's run
+# and on the debug kernel too; and the suspend, hibernation, kexec, reboot and kdump tests
+# (test_lifecycle.py) beside the C driver's runs on Debian's own kernel.
 soak: kernels initramfs
-	VMR_PRESSURE_SECONDS=300 VMR_PRESSURE_REFERENCE=1 \
-		$(PY) -m pytest -v -rA vm-scripts/tests/test_pressure.py $(PYTEST_ARGS)
+	VMR_PRESSURE_SECONDS=300 VMR_PRESSURE_REFERENCE=1 VMR_SOAK=1 \
+		$(PY) -m pytest -v -rA vm-scripts/tests/test_pressure.py \
+		vm-scripts/tests/test_lifecycle.py $(PYTEST_ARGS)
 
 # Every layer (style, host, KUnit, boot tests on the three kernels), with counts per layer.
 test: kernels initramfs
