@@ -4,7 +4,7 @@ hibernation (refused), kexec, a reboot, and kdump. Each runs on build/bzImage (t
 and, with VMR_SOAK=1 (`make soak`), on Debian's own kernel with its virtio_mem.ko (the C
 driver), which behaves the same; only the driver's words differ (MESSAGES). The C driver's
 runs are not in `make test`: they check Debian's code, not this driver's, and take 4.5
-minutes that a cold CI run, 37 of them building the rust kernel, cannot spare (all six
+minutes that a cold CI run, 33 of them building the rust kernel, cannot spare (all six
 passed on 2026-12-02)."""
 
 import base64
