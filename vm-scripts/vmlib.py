@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build"
 CACHE = Path(os.environ.get("VMR_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "virtio-mem-rust"))
 
-# rust: Debian's cloud config with this driver built in; upstream: Debian's own cloud kernel
+# rust: Debian's cloud config with this driver as a module; upstream: Debian's own cloud kernel
 # with its virtio_mem.ko; debug: the small debug kernel; tiny: the small kernel with the C
 # driver built in (make mutants). See vm-scripts/build-kernel.
 KERNELS = {"rust": BUILD / "bzImage", "upstream": BUILD / "bzImage-upstream",
