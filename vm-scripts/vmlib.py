@@ -272,8 +272,8 @@ class Vm:
                 return m
             left = deadline - time.monotonic()
             if left <= 0 or (self.proc and self.proc.poll() is not None):
-                raise GuestError(f"timed out waiting for {pattern.pattern!r}; console tail:\n"
-                                 + self.console()[-3000:])
+                raise GuestError(f"timed out waiting for {pattern.pattern!r} after {timeout:g} s; "
+                                 f"{self.where()}; console tail:\n" + self.console()[-3000:])
             self.ser.settimeout(min(left, 1.0))
             try:
                 data = self.ser.recv(65536)
@@ -300,6 +300,23 @@ class Vm:
         if check and rc != 0:
             raise GuestError(f"`{cmd}` exited {rc}: {out}")
         return out
+
+    def where(self) -> str:
+        """Where a guest that stopped answering is: QEMU's run state and each vCPU's
+        instruction pointer (a kernel address is 0xffffffff8..., KASLR shifts it; below 1 MiB
+        is the firmware), so that a hang before the first console line still says something."""
+        if not self.running():
+            return f"QEMU has exited with {self.proc.returncode if self.proc else None}"
+        try:
+            self.qmp.settimeout(10)
+            status = self.qmp.cmd("query-status")
+            regs = self.qmp.cmd("human-monitor-command", **{"command-line": "info registers -a"})
+            rips = re.findall(r"RIP=([0-9a-f]+)", regs)
+            return f"QEMU {status.get('status')}, vCPU RIPs {', '.join(rips) or regs[:200]}"
+        except Exception as e:  # the monitor itself may be what hangs
+            return f"QEMU's monitor did not answer: {e!r}"
+        finally:
+            self.qmp.settimeout(None)
 
     def console(self) -> str:
         p = self.dir / "console.log"
