@@ -4,8 +4,8 @@
 # a kernel tree (CONFIG_VIRTIO_MEM_RUST) or out of tree with make -C <kernel build dir> M=$PWD.
 #
 #   make demo    set up, build, boot a VM and show its memory growing (the main job)
-#   make test    set up, build and run every test (style, host, boot with KUnit at boot), with counts
-#   make kunit   the KUnit suites through kunit.py (its own kernel)
+#   make test    set up, build and run every test (style, host, KUnit, boot), with counts
+#   make kunit   only the KUnit suites through kunit.py (its own kernel)
 #   make bench   the resize scenarios on both kernels, timed over QMP
 #   make run     an interactive VM (Ctrl-A c for the QEMU monitor)
 #   make soak    the memory-pressure boot tests with a 300 s stall window, C driver beside,
@@ -66,8 +66,8 @@ soak: kernels initramfs
 		$(PY) -m pytest -v -rA vm-scripts/tests/test_pressure.py \
 		vm-scripts/tests/test_lifecycle.py $(PYTEST_ARGS)
 
-# Every layer (style, host, boot tests on the three kernels, KUnit at boot among them), with
-# counts per layer; kunit.py's own run is `make kunit`.
+# Every layer (style, host, KUnit through kunit.py, boot tests on the three kernels), with
+# counts per layer.
 test: kernels initramfs
 	vm-scripts/test-all
 
