@@ -7,6 +7,7 @@ import re
 import subprocess
 import shutil
 import time
+from typing import Callable
 
 import pytest
 
@@ -19,14 +20,20 @@ DRIVER = "virtio_mem_rust"
 RUST_AND_DEBUG = pytest.mark.parametrize("kernel", ["rust", "debug"])
 
 
-def settle_memtotal(vm: Vm, want: int, timeout: float = 30) -> int:
-    """MemTotal once it reaches `want` (onlining may trail QEMU's size a little)."""
+def settle(vm: Vm, read: Callable[[], int], want: int, timeout: float = 30) -> int:
+    """What `read` returns once it is `want`, or after `timeout` (onlining may trail QEMU's
+    size a little)."""
     deadline = time.monotonic() + timeout * vm.slowdown
     while True:
-        m = vm.memtotal()
+        m = read()
         if m == want or time.monotonic() > deadline:
             return m
         time.sleep(0.1)
+
+
+def settle_memtotal(vm: Vm, want: int, timeout: float = 30) -> int:
+    """MemTotal once it reaches `want`."""
+    return settle(vm, vm.memtotal, want, timeout)
 
 
 def settle_zone_normal(vm: Vm, want: int, timeout: float = 30) -> int:
@@ -34,12 +41,7 @@ def settle_zone_normal(vm: Vm, want: int, timeout: float = 30) -> int:
     below 4 GiB) and the default online policy, only the device's memory makes up
     ZONE_NORMAL: unlike MemTotal, which differs by a few KiB from boot to boot (KASLR,
     Debian's RANDOMIZE_BASE, changes the early page tables; 4 KiB seen), it is exact."""
-    deadline = time.monotonic() + timeout * vm.slowdown
-    while True:
-        m = vm.zone_managed("Normal")
-        if m == want or time.monotonic() > deadline:
-            return m
-        time.sleep(0.1)  # onlining the last block may trail QEMU's size
+    return settle(vm, lambda: vm.zone_managed("Normal"), want, timeout)
 
 
 def virtio_mem_ram(vm: Vm) -> tuple[tuple, list[tuple]]:

@@ -3,9 +3,8 @@
 hibernation (refused), kexec, a reboot, and kdump. Each runs on build/bzImage (this driver)
 and, with VMR_SOAK=1 (`make soak`), on Debian's own kernel with its virtio_mem.ko (the C
 driver), which behaves the same; only the driver's words differ (MESSAGES). The C driver's
-runs are not in `make test`: they check Debian's code, not this driver's, and take 4.5
-minutes that a cold CI run, 33 of them building the rust kernel, cannot spare (all six
-passed on 2026-12-02)."""
+runs are not in `make test`: they check Debian's code, not this driver's, and would add
+4.5 minutes to every CI run (all six passed on 2026-12-02)."""
 
 import base64
 import re

@@ -326,8 +326,8 @@ def test_shrink_beyond_what_the_data_leaves(boot, kernel, policy):
     scenario is printed too.
 
     On the debug kernel it runs only with VMR_PRESSURE_REFERENCE=1 (`make soak`): 340 s
-    (movable) and 396 s (default) there on the Debian-config CI set, which a cold CI run,
-    33 minutes of it building the rust kernel, cannot spare (both passed there, 2026-12-02)."""
+    (movable) and 396 s (default) there on the Debian-config CI set, 12 minutes more for
+    every CI run (both passed there, 2026-12-02)."""
     if kernel == "debug" and not REFERENCE:
         pytest.skip("debug kernel: run by `make soak` (VMR_PRESSURE_REFERENCE=1), not in CI's time")
     sc = SCENARIOS[policy]
