@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+#[path = "../../drivers/bbm.rs"]
+pub(crate) mod bbm;
 #[path = "../../drivers/config.rs"]
 pub(crate) mod config;
 #[path = "../../drivers/device.rs"]
@@ -35,6 +37,8 @@ mod pages;
 #[path = "../../kunit/qemu.rs"]
 mod qemu;
 
+#[cfg(test)]
+mod bbm_tests;
 #[cfg(test)]
 mod model;
 #[cfg(test)]

@@ -410,7 +410,7 @@ static BOOKKEEPING_CASES: AtomicU64 = AtomicU64::new(0);
 /// Runs a property (a `proptest!` function without `#[test]`) and prints how many cases
 /// its body ran: `generated cases: N` (shown with `cargo test -- --show-output`, summed up
 /// by `vm-scripts/test-all`).
-fn counted(name: &str, counter: &AtomicU64, property: fn()) {
+pub(crate) fn counted(name: &str, counter: &AtomicU64, property: fn()) {
     property();
     println!(
         "{name}: generated cases: {}",

@@ -1,0 +1,330 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Big Block Mode's bookkeeping (`drivers/bbm.rs`) against a model of big blocks, memory
+//! blocks and core mm's notifier events.
+
+use crate::bbm::{BbState, Bbm, FakeOffline, Refused, UnplugPass};
+use crate::tests::counted;
+use proptest::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Cases the property's body ran.
+static BBM_CASES: AtomicU64 = AtomicU64::new(0);
+
+fn bbm(nr_bbs: usize, mbs_per_bb: usize) -> Bbm<Vec<u64>> {
+    let words = Bbm::<Vec<u64>>::words_needed(nr_bbs, mbs_per_bb).unwrap();
+    let mut b = Bbm::new(vec![0u64; words], nr_bbs, mbs_per_bb).unwrap();
+    b.set_usable_bbs(nr_bbs);
+    b
+}
+
+#[test]
+fn storage_must_fit_and_be_zeroed() {
+    let words = Bbm::<Vec<u64>>::words_needed(3, 8).unwrap();
+    assert_eq!(words, 3 * 3);
+    assert!(Bbm::new(vec![0u64; words - 1], 3, 8).is_none());
+    assert!(Bbm::new(vec![1u64; words], 3, 8).is_none());
+    assert!(Bbm::new(vec![0u64; 0], 0, 0).is_none());
+    // More than 64 memory blocks in a big block: two words per bitmap.
+    assert_eq!(Bbm::<Vec<u64>>::words_needed(2, 65), Some(2 * 5));
+    assert_eq!(Bbm::<Vec<u64>>::words_needed(usize::MAX, 8), None);
+}
+
+/// A big block's life as the C driver leads it: plugged and added, onlined, fake-offlined,
+/// offlined and removed, unplugged.
+#[test]
+fn a_big_block_from_plug_to_unplug() {
+    let mut b = bbm(2, 8);
+    assert_eq!(b.next_plug(), Some(0));
+    b.plugged_new(0);
+    assert_eq!(b.state(0), BbState::Added);
+    assert_eq!(b.offline_bbs(), 1);
+    for mb in 0..8 {
+        b.going_online(0).unwrap();
+        b.online(0, mb, mb % 2 == 0).unwrap();
+    }
+    assert!(!b.all_offline(0) && !b.all_movable(0));
+    assert_eq!(b.offline_bbs(), 0);
+    assert_eq!(b.next_plug(), Some(1));
+    // Not offline, not all movable: only the last pass takes it.
+    assert_eq!(b.next_unplug(UnplugPass::Offline, |_| false), None);
+    assert_eq!(b.next_unplug(UnplugPass::Movable, |_| false), None);
+    assert_eq!(b.next_unplug(UnplugPass::Any, |_| false), Some(0));
+    assert!(b.start_unplug(0));
+    assert!(!b.start_unplug(0), "unplugged twice at once");
+    // Being unplugged: nothing of it goes online, its fake-offline pages lose their
+    // references as each memory block goes offline.
+    assert_eq!(b.going_online(0), Err(Refused(BbState::FakeOffline)));
+    for mb in 0..8 {
+        assert_eq!(b.going_offline(0, mb), Ok(FakeOffline::Yes));
+        b.offline(0, mb).unwrap();
+    }
+    assert!(b.all_offline(0) && !b.in_transition(0));
+    b.removed(0);
+    assert_eq!(b.state(0), BbState::Plugged);
+    assert_eq!(b.next_pending(), Some(0));
+    b.unplugged(0);
+    assert_eq!(b.state(0), BbState::Unused);
+    assert_eq!(b.next_pending(), None);
+}
+
+/// A failed offline (CANCEL_OFFLINE) takes the references back; an aborted unplug leaves
+/// the big block added and onlinable again.
+#[test]
+fn an_aborted_unplug_leaves_the_big_block_as_it_was() {
+    let mut b = bbm(1, 4);
+    b.plugged_new(0);
+    for mb in 0..4 {
+        b.going_online(0).unwrap();
+        b.online(0, mb, true).unwrap();
+    }
+    assert_eq!(b.next_unplug(UnplugPass::Movable, |_| false), Some(0));
+    assert!(b.start_unplug(0));
+    assert_eq!(b.going_offline(0, 3), Ok(FakeOffline::Yes));
+    assert_eq!(b.cancel_offline(0), FakeOffline::Yes);
+    b.abort_unplug(0);
+    assert_eq!(b.state(0), BbState::Added);
+    assert!(b.all_movable(0) && b.online_mbs(0).count() == 4);
+    assert_eq!(b.going_offline(0, 3), Ok(FakeOffline::No));
+    assert_eq!(b.cancel_offline(0), FakeOffline::No);
+    assert!(!b.in_transition(0));
+}
+
+#[test]
+fn notifier_events_that_do_not_fit_are_refused() {
+    let mut b = bbm(2, 2);
+    // Not added by this driver.
+    assert_eq!(b.going_online(0), Err(Refused(BbState::Unused)));
+    assert_eq!(b.online(0, 0, false), Err(Refused(BbState::Unused)));
+    assert_eq!(b.going_offline(0, 0), Err(Refused(BbState::Unused)));
+    assert_eq!(b.offline(0, 0), Err(Refused(BbState::Unused)));
+    // Left plugged by a failed add and a failed undo.
+    b.plugged_new(1);
+    b.add_failed(1, false);
+    assert_eq!(b.going_online(1), Err(Refused(BbState::Plugged)));
+    // An offline memory block does not go offline.
+    b.plugged_new(0);
+    assert_eq!(b.going_offline(0, 1), Err(Refused(BbState::Added)));
+    // Refused events leave no transition behind.
+    assert!(!b.in_transition(0) && !b.in_transition(1));
+}
+
+#[test]
+fn a_big_block_in_transition_is_not_unplugged() {
+    let mut b = bbm(1, 2);
+    b.plugged_new(0);
+    b.going_online(0).unwrap();
+    assert_eq!(b.next_unplug(UnplugPass::Any, |_| false), None);
+    assert!(!b.start_unplug(0));
+    b.cancel_online(0);
+    assert_eq!(b.next_unplug(UnplugPass::Offline, |_| false), Some(0));
+    // Skipped (tried this round).
+    assert_eq!(b.next_unplug(UnplugPass::Any, |bb| bb == 0), None);
+}
+
+#[test]
+fn plugs_stay_inside_the_usable_region() {
+    let mut b = bbm(4, 1);
+    b.set_usable_bbs(2);
+    b.plugged_new(0);
+    b.plugged_new(1);
+    assert_eq!(b.next_plug(), None);
+    b.set_usable_bbs(9);
+    assert_eq!(b.next_plug(), Some(2));
+}
+
+const NR_BBS: usize = 4;
+const MBS: usize = 3;
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// Plug and add the next big block; the add fails with the given undo result.
+    Plug(Option<bool>),
+    /// Unplug the next big block left plugged; the UNPLUG succeeds or not.
+    Pending(bool),
+    /// A memory block goes online (or the onlining is cancelled).
+    Online(usize, usize, bool, bool),
+    /// A memory block goes offline (or the offlining is cancelled).
+    Offline(usize, usize, bool),
+    /// Unplug the next big block of a pass: its removal succeeds or not, then its UNPLUG.
+    Unplug(usize, bool, bool),
+    Usable(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        prop::option::of(any::<bool>()).prop_map(Op::Plug),
+        any::<bool>().prop_map(Op::Pending),
+        (0..NR_BBS, 0..MBS, any::<bool>(), any::<bool>())
+            .prop_map(|(b, m, z, c)| Op::Online(b, m, z, c)),
+        (0..NR_BBS, 0..MBS, any::<bool>()).prop_map(|(b, m, c)| Op::Offline(b, m, c)),
+        (0..3usize, any::<bool>(), any::<bool>()).prop_map(|(p, r, u)| Op::Unplug(p, r, u)),
+        (0..=NR_BBS + 1).prop_map(Op::Usable),
+    ]
+}
+
+/// The model: what Linux and the device have of each big block.
+#[derive(Clone, Debug, Default)]
+struct Model {
+    plugged: [bool; NR_BBS],
+    added: [bool; NR_BBS],
+    online: [[bool; MBS]; NR_BBS],
+    movable: [[bool; MBS]; NR_BBS],
+    usable: usize,
+}
+
+fn check(b: &Bbm<Vec<u64>>, m: &Model) -> Result<(), TestCaseError> {
+    for bb in 0..NR_BBS {
+        let want = match (m.plugged[bb], m.added[bb]) {
+            (false, false) => BbState::Unused,
+            (true, false) => BbState::Plugged,
+            (true, true) => BbState::Added,
+            (false, true) => return Err(TestCaseError::fail("model: added, not plugged")),
+        };
+        prop_assert_eq!(b.state(bb), want, "big block {}", bb);
+        prop_assert!(!b.in_transition(bb), "big block {} left in transition", bb);
+        for mb in 0..MBS {
+            prop_assert_eq!(b.is_online(bb, mb), m.online[bb][mb]);
+        }
+        prop_assert_eq!(b.all_offline(bb), !m.online[bb].iter().any(|o| *o));
+        let movable = (0..MBS).all(|mb| !m.online[bb][mb] || m.movable[bb][mb]);
+        prop_assert_eq!(b.all_movable(bb), movable);
+    }
+    let offline = (0..NR_BBS)
+        .filter(|&bb| m.added[bb] && !m.online[bb].iter().any(|o| *o))
+        .count();
+    prop_assert_eq!(b.offline_bbs(), offline);
+    Ok(())
+}
+
+#[test]
+fn bbm_matches_the_model() {
+    counted(
+        "bbm_matches_the_model",
+        &BBM_CASES,
+        bbm_matches_the_model_prop,
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(crate::scaled(10_000)))]
+
+    /// Random plugs, failed adds, onlining and offlining (some cancelled), unplug passes
+    /// with failed removals and failed UNPLUGs, and usable-region changes: the bookkeeping
+    /// and the model never disagree; plugs only take unused big blocks inside the usable
+    /// region; each pass offers only what it should, highest first; nothing goes online
+    /// while its big block is unplugged; a big block is removed only with every memory
+    /// block offline.
+    fn bbm_matches_the_model_prop(ops in prop::collection::vec(op(), 1..60)) {
+        BBM_CASES.fetch_add(1, Ordering::Relaxed);
+        let mut b = bbm(NR_BBS, MBS);
+        let mut m = Model { usable: NR_BBS, ..Model::default() };
+        for op in ops {
+            match op {
+                Op::Usable(n) => {
+                    b.set_usable_bbs(n);
+                    m.usable = n.min(NR_BBS);
+                }
+                Op::Plug(fails) => {
+                    let want = (0..m.usable).find(|&bb| !m.plugged[bb]);
+                    prop_assert_eq!(b.next_plug(), want);
+                    if let Some(bb) = want {
+                        b.plugged_new(bb);
+                        m.plugged[bb] = true;
+                        m.added[bb] = true;
+                        if let Some(undone) = fails {
+                            b.add_failed(bb, undone);
+                            m.added[bb] = false;
+                            m.plugged[bb] = !undone;
+                        }
+                    }
+                }
+                Op::Pending(ok) => {
+                    let want = (0..NR_BBS).find(|&bb| m.plugged[bb] && !m.added[bb]);
+                    prop_assert_eq!(b.next_pending(), want);
+                    if let (Some(bb), true) = (want, ok) {
+                        b.unplugged(bb);
+                        m.plugged[bb] = false;
+                    }
+                }
+                Op::Online(bb, mb, movable, cancel) => {
+                    if m.online[bb][mb] {
+                        continue; // core mm onlines offline memory blocks only
+                    }
+                    let r = b.going_online(bb);
+                    prop_assert_eq!(r.is_ok(), m.added[bb]);
+                    if r.is_err() {
+                        continue;
+                    }
+                    if cancel {
+                        b.cancel_online(bb);
+                    } else {
+                        b.online(bb, mb, movable).unwrap();
+                        m.online[bb][mb] = true;
+                        m.movable[bb][mb] = movable;
+                    }
+                }
+                Op::Offline(bb, mb, cancel) => {
+                    let r = b.going_offline(bb, mb);
+                    prop_assert_eq!(r.is_ok(), m.added[bb] && m.online[bb][mb]);
+                    match r {
+                        Err(_) => continue,
+                        Ok(f) => prop_assert_eq!(f, FakeOffline::No),
+                    }
+                    if cancel {
+                        prop_assert_eq!(b.cancel_offline(bb), FakeOffline::No);
+                    } else {
+                        b.offline(bb, mb).unwrap();
+                        m.online[bb][mb] = false;
+                        m.movable[bb][mb] = false;
+                    }
+                }
+                Op::Unplug(pass, removed, unplugged) => {
+                    let pass = UnplugPass::ALL[pass];
+                    let fits = |bb: usize| {
+                        let any = m.online[bb].iter().any(|o| *o);
+                        match pass {
+                            UnplugPass::Offline => !any,
+                            UnplugPass::Movable => (0..MBS).all(|mb| !m.online[bb][mb] || m.movable[bb][mb]),
+                            UnplugPass::Any => true,
+                        }
+                    };
+                    let want = (0..NR_BBS).rev().find(|&bb| m.added[bb] && fits(bb));
+                    prop_assert_eq!(b.next_unplug(pass, |_| false), want);
+                    let Some(bb) = want else { continue };
+                    prop_assert!(b.start_unplug(bb));
+                    prop_assert_eq!(b.going_online(bb), Err(Refused(BbState::FakeOffline)));
+                    // offline_and_remove_memory offlines each online memory block; a
+                    // failure cancels the one it was at and stops.
+                    let mut failed = false;
+                    for mb in 0..MBS {
+                        if !m.online[bb][mb] {
+                            continue;
+                        }
+                        prop_assert_eq!(b.going_offline(bb, mb), Ok(FakeOffline::Yes));
+                        if !removed {
+                            prop_assert_eq!(b.cancel_offline(bb), FakeOffline::Yes);
+                            failed = true;
+                            break;
+                        }
+                        b.offline(bb, mb).unwrap();
+                        m.online[bb][mb] = false;
+                        m.movable[bb][mb] = false;
+                    }
+                    if failed {
+                        b.abort_unplug(bb);
+                        continue;
+                    }
+                    prop_assert!(b.all_offline(bb), "big block {} removed with memory online", bb);
+                    b.removed(bb);
+                    m.added[bb] = false;
+                    if unplugged {
+                        b.unplugged(bb);
+                        m.plugged[bb] = false;
+                    }
+                }
+            }
+            check(&b, &m)?;
+        }
+    }
+}
