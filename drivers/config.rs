@@ -60,13 +60,71 @@ pub(crate) enum ModeKind {
     /// Sub Block Mode: subblocks smaller than a Linux memory block, (un)plugged and
     /// (fake) onlined one by one inside added memory blocks.
     Sbm,
+    /// Big Block Mode: big blocks of one or more whole memory blocks, each plugged, added,
+    /// removed and unplugged as a whole.
+    Bbm,
 }
 
 impl ModeKind {
     pub(crate) const fn name(self) -> &'static str {
         match self {
             Self::Sbm => "Sub Block Mode",
+            Self::Bbm => "Big Block Mode",
         }
+    }
+}
+
+/// The module parameters that choose the mode (`force_bbm`, `bbm_block_size`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ModeParams {
+    /// Big Block Mode even where Sub Block Mode would do.
+    pub(crate) force_bbm: bool,
+    /// The big block size wanted, 0 for the smallest possible.
+    pub(crate) bbm_block_size: u64,
+}
+
+/// Why `bbm_block_size` was not taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BbmSizeIgnored {
+    NotPowerOfTwo,
+    TooSmall,
+}
+
+/// The mode of a device and the size of its unit: the subblock in Sub Block Mode, the big
+/// block in Big Block Mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ModeChoice {
+    pub(crate) kind: ModeKind,
+    pub(crate) unit: u64,
+    /// `bbm_block_size` was set but could not be used (the caller warns).
+    pub(crate) ignored: Option<BbmSizeIgnored>,
+}
+
+/// Chooses the mode as the C driver does (`virtio_mem_init_hotplug`): the subblock is the
+/// larger of the device block and the pageblock; if it is smaller than a memory block and
+/// Big Block Mode is not forced, Sub Block Mode. Otherwise Big Block Mode with the larger
+/// of the device block and the memory block, or `bbm_block_size` if it is a power of two
+/// and not smaller. `bs`, the pageblock and the memory block size are powers of two.
+pub(crate) fn choose_mode(bs: u64, limits: &Limits, params: &ModeParams) -> ModeChoice {
+    let subblock = bs.max(limits.pageblock_size);
+    if subblock < limits.memory_block_size && !params.force_bbm {
+        return ModeChoice {
+            kind: ModeKind::Sbm,
+            unit: subblock,
+            ignored: None,
+        };
+    }
+    let smallest = bs.max(limits.memory_block_size);
+    let (unit, ignored) = match params.bbm_block_size {
+        0 => (smallest, None),
+        s if !s.is_power_of_two() => (smallest, Some(BbmSizeIgnored::NotPowerOfTwo)),
+        s if s < smallest => (smallest, Some(BbmSizeIgnored::TooSmall)),
+        s => (s, None),
+    };
+    ModeChoice {
+        kind: ModeKind::Bbm,
+        unit,
+        ignored,
     }
 }
 
@@ -156,8 +214,9 @@ impl Geometry {
             ));
         }
         let mb_shift = mb.trailing_zeros();
-        let subblock_size = bs.max(limits.pageblock_size);
-        if subblock_size >= mb {
+        let choice = choose_mode(bs, limits, &ModeParams::default());
+        let subblock_size = choice.unit;
+        if choice.kind != ModeKind::Sbm {
             return Err(ConfigError::new(
                 "block_size",
                 bs,

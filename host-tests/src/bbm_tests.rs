@@ -328,3 +328,76 @@ proptest! {
         }
     }
 }
+
+mod mode {
+    use crate::config::{choose_mode, BbmSizeIgnored, Limits, ModeChoice, ModeKind, ModeParams};
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    fn x86() -> Limits {
+        Limits {
+            page_size: 4096,
+            memory_block_size: 128 * MIB,
+            pageblock_size: 2 * MIB,
+            pluggable_start: 0,
+            pluggable_end: (1 << 46) - 1,
+        }
+    }
+
+    fn choose(bs: u64, force_bbm: bool, bbm_block_size: u64) -> ModeChoice {
+        choose_mode(
+            bs,
+            &x86(),
+            &ModeParams {
+                force_bbm,
+                bbm_block_size,
+            },
+        )
+    }
+
+    fn mode(kind: ModeKind, unit: u64) -> ModeChoice {
+        ModeChoice {
+            kind,
+            unit,
+            ignored: None,
+        }
+    }
+
+    /// The C driver's choice, case by case (`virtio_mem_init_hotplug`).
+    #[test]
+    fn the_mode_is_chosen_as_upstream() {
+        // Subblocks: at least a pageblock.
+        assert_eq!(choose(4096, false, 0), mode(ModeKind::Sbm, 2 * MIB));
+        assert_eq!(choose(2 * MIB, false, 0), mode(ModeKind::Sbm, 2 * MIB));
+        assert_eq!(choose(64 * MIB, false, 0), mode(ModeKind::Sbm, 64 * MIB));
+        // A device block of a memory block or more: Big Block Mode.
+        assert_eq!(choose(128 * MIB, false, 0), mode(ModeKind::Bbm, 128 * MIB));
+        assert_eq!(choose(256 * MIB, false, 0), mode(ModeKind::Bbm, 256 * MIB));
+        assert_eq!(choose(GIB, false, 0), mode(ModeKind::Bbm, GIB));
+        // Forced: the big block is at least a memory block.
+        assert_eq!(choose(2 * MIB, true, 0), mode(ModeKind::Bbm, 128 * MIB));
+        // bbm_block_size only counts in Big Block Mode.
+        assert_eq!(
+            choose(2 * MIB, false, 256 * MIB),
+            mode(ModeKind::Sbm, 2 * MIB)
+        );
+        assert_eq!(
+            choose(2 * MIB, true, 256 * MIB),
+            mode(ModeKind::Bbm, 256 * MIB)
+        );
+        assert_eq!(choose(GIB, false, 4 * GIB), mode(ModeKind::Bbm, 4 * GIB));
+    }
+
+    #[test]
+    fn an_unusable_bbm_block_size_is_ignored_and_said() {
+        let c = choose(2 * MIB, true, 3 * 128 * MIB);
+        assert_eq!((c.kind, c.unit), (ModeKind::Bbm, 128 * MIB));
+        assert_eq!(c.ignored, Some(BbmSizeIgnored::NotPowerOfTwo));
+        let c = choose(GIB, false, 256 * MIB);
+        assert_eq!((c.kind, c.unit), (ModeKind::Bbm, GIB));
+        assert_eq!(c.ignored, Some(BbmSizeIgnored::TooSmall));
+        let c = choose(GIB, false, u64::MAX);
+        assert_eq!(c.ignored, Some(BbmSizeIgnored::NotPowerOfTwo));
+    }
+}
