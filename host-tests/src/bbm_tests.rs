@@ -330,25 +330,13 @@ proptest! {
 }
 
 mod mode {
-    use crate::config::{choose_mode, BbmSizeIgnored, Limits, ModeChoice, ModeKind, ModeParams};
-
-    const MIB: u64 = 1 << 20;
-    const GIB: u64 = 1 << 30;
-
-    fn x86() -> Limits {
-        Limits {
-            page_size: 4096,
-            memory_block_size: 128 * MIB,
-            pageblock_size: 2 * MIB,
-            pluggable_start: 0,
-            pluggable_end: (1 << 46) - 1,
-        }
-    }
+    use crate::config::{choose_mode, BbmSizeIgnored, ModeChoice, ModeKind, ModeParams};
+    use crate::tests::{limits, GIB, MIB};
 
     fn choose(bs: u64, force_bbm: bool, bbm_block_size: u64) -> ModeChoice {
         choose_mode(
             bs,
-            &x86(),
+            &limits(),
             &ModeParams {
                 force_bbm,
                 bbm_block_size,

@@ -11,10 +11,10 @@ use crate::sbm::{MbState, OnlineCursor, PlugStep, Plugged, Sbm, UnplugStep};
 use proptest::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
+pub(crate) const MIB: u64 = 1 << 20;
+pub(crate) const GIB: u64 = 1 << 30;
 
-fn limits() -> Limits {
+pub(crate) fn limits() -> Limits {
     Limits {
         page_size: 4096,
         memory_block_size: 128 * MIB,
