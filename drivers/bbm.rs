@@ -224,13 +224,6 @@ impl<W: DerefMut<Target = [u64]>> Bbm<W> {
             .count()
     }
 
-    /// Big blocks plugged, added or not.
-    pub(crate) fn plugged_bbs(&self) -> usize {
-        (0..self.nr_bbs)
-            .filter(|&bb| self.state(bb) != BbState::Unused)
-            .count()
-    }
-
     /// The next big block to plug and add: the lowest unused one inside the usable region.
     /// `None` if there is no room left.
     pub(crate) fn next_plug(&self) -> Option<usize> {

@@ -132,10 +132,14 @@ pub(crate) fn choose_mode(bs: u64, limits: &Limits, params: &ModeParams) -> Mode
 ///
 /// # Invariants
 ///
-/// `device_block_size`, `subblock_size` and `memory_block_size` are powers of two with
-/// `device_block_size <= subblock_size < memory_block_size` and a subblock at least a page; `addr + region_size` does not
-/// overflow and lies inside the pluggable range; memory blocks `first_mb .. first_mb +
-/// nr_mbs` lie fully inside the region, and there is at least one.
+/// `device_block_size`, `subblock_size`, `memory_block_size` and `bb_size` are powers of
+/// two; `addr + region_size` does not overflow and lies inside the pluggable range; memory
+/// blocks `first_mb .. first_mb + nr_mbs` lie fully inside the region, and there is at least
+/// one. In Sub Block Mode `device_block_size <= subblock_size < memory_block_size`, a
+/// subblock is at least a page and at most 65535 device blocks. In Big Block Mode
+/// `device_block_size <= bb_size`, `memory_block_size <= bb_size`, `subblock_size ==
+/// memory_block_size`, and big blocks `first_bb .. first_bb + nr_bbs` (aligned to their
+/// size) lie fully inside the region, at least one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Geometry {
     pub(crate) addr: u64,
@@ -151,11 +155,25 @@ pub(crate) struct Geometry {
     pub(crate) first_mb: u64,
     /// Number of memory blocks fully inside the region.
     pub(crate) nr_mbs: u64,
+    /// Big Block Mode: the size of a big block and its log2 (in Sub Block Mode, a memory
+    /// block's).
+    pub(crate) bb_size: u64,
+    bb_shift: u32,
+    /// Id (physical address / big block size) of the first big block fully inside the
+    /// region, and how many there are.
+    pub(crate) first_bb: u64,
+    pub(crate) nr_bbs: u64,
+    /// `bbm_block_size` was given but could not be used.
+    pub(crate) bbm_size_ignored: Option<BbmSizeIgnored>,
 }
 
 impl Geometry {
-    /// Validates the fields of `raw` that never change.
-    pub(crate) fn new(raw: &RawConfig, limits: &Limits) -> Result<Self, ConfigError> {
+    /// Validates the fields of `raw` that never change, and chooses the mode by `params`.
+    pub(crate) fn new(
+        raw: &RawConfig,
+        limits: &Limits,
+        params: &ModeParams,
+    ) -> Result<Self, ConfigError> {
         let bs = raw.block_size;
         if bs == 0 || !bs.is_power_of_two() {
             return Err(ConfigError::new(
@@ -172,7 +190,14 @@ impl Geometry {
                 "is not aligned to block_size",
             ));
         }
-        if raw.region_size == 0 || raw.region_size & bs_mask != 0 {
+        if raw.region_size < bs {
+            return Err(ConfigError::new(
+                "region_size",
+                raw.region_size,
+                "is smaller than one device block (block_size)",
+            ));
+        }
+        if raw.region_size & bs_mask != 0 {
             return Err(ConfigError::new(
                 "region_size",
                 raw.region_size,
@@ -214,24 +239,7 @@ impl Geometry {
             ));
         }
         let mb_shift = mb.trailing_zeros();
-        let choice = choose_mode(bs, limits, &ModeParams::default());
-        let subblock_size = choice.unit;
-        if choice.kind != ModeKind::Sbm {
-            return Err(ConfigError::new(
-                "block_size",
-                bs,
-                "needs Big Block Mode (device block not smaller than a memory block), \
-                 which this driver does not support yet",
-            ));
-        }
-        let sb_shift = subblock_size.trailing_zeros();
-        if (subblock_size >> bs.trailing_zeros()) > u64::from(u16::MAX) {
-            return Err(ConfigError::new(
-                "block_size",
-                bs,
-                "is so small that one subblock needs more than 65535 blocks in a request",
-            ));
-        }
+        let choice = choose_mode(bs, limits, params);
         // Only memory blocks fully inside the region can be added.
         // `raw.addr + mb - 1` cannot overflow: `end` did not and `end >= raw.addr + bs`.
         let first_mb = raw.addr.saturating_add(mb - 1) >> mb_shift;
@@ -243,18 +251,107 @@ impl Geometry {
                 "does not hold a single aligned memory block",
             ));
         }
-        Ok(Self {
+        let mut geo = Self {
             addr: raw.addr,
             region_size: raw.region_size,
             device_block_size: bs,
-            subblock_size,
+            subblock_size: choice.unit,
             memory_block_size: mb,
             mb_shift,
-            sb_shift,
-            mode: ModeKind::Sbm,
+            sb_shift: choice.unit.trailing_zeros(),
+            mode: choice.kind,
             first_mb,
             nr_mbs: end_mb - first_mb,
-        })
+            bb_size: mb,
+            bb_shift: mb_shift,
+            first_bb: first_mb,
+            nr_bbs: end_mb - first_mb,
+            bbm_size_ignored: choice.ignored,
+        };
+        match choice.kind {
+            ModeKind::Sbm => {
+                if (choice.unit >> bs.trailing_zeros()) > u64::from(u16::MAX) {
+                    return Err(ConfigError::new(
+                        "block_size",
+                        bs,
+                        "is so small that one subblock needs more than 65535 blocks in a request",
+                    ));
+                }
+            }
+            ModeKind::Bbm => {
+                // Big blocks aligned to their size, fully inside the region (the C driver's
+                // ids: address / big block size).
+                let bb = choice.unit;
+                let bb_shift = bb.trailing_zeros();
+                let first_bb = raw.addr.div_ceil(bb);
+                let end_bb = end >> bb_shift;
+                if end_bb <= first_bb {
+                    return Err(ConfigError::new(
+                        "region_size",
+                        raw.region_size,
+                        "does not hold a single big block aligned to its size",
+                    ));
+                }
+                geo.subblock_size = mb;
+                geo.sb_shift = mb_shift;
+                geo.bb_size = bb;
+                geo.bb_shift = bb_shift;
+                geo.first_bb = first_bb;
+                geo.nr_bbs = end_bb - first_bb;
+            }
+        }
+        Ok(geo)
+    }
+
+    /// Bytes of the region outside the big blocks (Big Block Mode: never used).
+    pub(crate) fn outside_bbs(&self) -> u64 {
+        self.region_size - (self.nr_bbs << self.bb_shift)
+    }
+
+    /// Memory blocks in one big block.
+    pub(crate) const fn mbs_per_bb(&self) -> u64 {
+        1 << (self.bb_shift - self.mb_shift)
+    }
+
+    /// Device blocks in one big block.
+    pub(crate) const fn blocks_per_bb(&self) -> u64 {
+        self.bb_size >> self.device_block_size.trailing_zeros()
+    }
+
+    /// Physical address of big block `bb` (0-based inside the region).
+    pub(crate) const fn bb_addr(&self, bb: usize) -> u64 {
+        (self.first_bb + bb as u64) << self.bb_shift
+    }
+
+    /// The big block (0-based) and its memory block (0-based inside it) whose whole range
+    /// is exactly `[start, start + size)`.
+    pub(crate) fn bb_mb_exactly(&self, start: u64, size: u64) -> Option<(usize, usize)> {
+        if size != self.memory_block_size || start & (self.memory_block_size - 1) != 0 {
+            return None;
+        }
+        let id = start >> self.bb_shift;
+        if id < self.first_bb || id - self.first_bb >= self.nr_bbs {
+            return None;
+        }
+        let mb = (start & (self.bb_size - 1)) >> self.mb_shift;
+        Some((usize::try_from(id - self.first_bb).ok()?, mb as usize))
+    }
+
+    /// The big block (0-based) that holds `[start, start + size)`, if one does.
+    pub(crate) fn bb_of(&self, start: u64, size: u64) -> Option<usize> {
+        let id = start >> self.bb_shift;
+        let last = start.checked_add(size)?.checked_sub(1)? >> self.bb_shift;
+        if size == 0 || id != last || id < self.first_bb || id - self.first_bb >= self.nr_bbs {
+            return None;
+        }
+        usize::try_from(id - self.first_bb).ok()
+    }
+
+    /// Big blocks fully inside the first `usable` bytes of the region.
+    pub(crate) fn usable_bbs(&self, usable: u64) -> usize {
+        // `addr + usable <= addr + region_size` does not overflow (invariant).
+        let end_bb = (self.addr + usable) >> self.bb_shift;
+        end_bb.saturating_sub(self.first_bb).min(self.nr_bbs) as usize
     }
 
     /// Subblocks in one memory block (at least two).

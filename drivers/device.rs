@@ -5,15 +5,22 @@
 //! online page callback, to system sleep (freeze, restore, the PM notifier) and, in a crash
 //! kernel, to `/proc/vmcore` (which of the region's memory is RAM to dump).
 //!
+//! The mode is chosen at probe and never changes: each mode's plug, unplug, memory notifier
+//! and online page callback live in their own file (`device_sbm.rs`, `device_bbm.rs`), on
+//! their own state, which only they can reach.
+//!
 //! # Locking
 //!
 //! `inner` is taken by the worker, the memory notifier and the online page callback. Core
 //! mm calls the latter two with the memory hotplug lock held, so the worker never holds
-//! `inner` while it calls into memory hotplug (`add_memory`): it drops the lock around it.
-//! The worker does hold it across device requests, which are bounded by a timeout.
+//! `inner` while it calls into memory hotplug (`add_memory`, `offline_and_remove`): it
+//! drops the lock around it ([`unlocked`]). The worker does hold it across device
+//! requests, which are bounded by a timeout.
 
+#[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
+use crate::{bbm::Bbm, sbm::Sbm};
 use crate::{
-    config::{ConfigError, Geometry, Sizes},
+    config::{BbmSizeIgnored, ConfigError, Geometry, ModeKind, Sizes},
     headroom::{self, MemInfo, Say, Stall},
     platform::{Platform, Transport},
     protocol::{
@@ -21,11 +28,11 @@ use crate::{
         RESPONSE_SIZE,
     },
     retry::Backoff,
-    sbm::{MbState, OnlineCursor, PlugStep, Plugged, Sbm, UnplugStep},
 };
 use core::sync::atomic::{AtomicBool, Ordering};
+#[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
+use kernel::alloc::KVVec;
 use kernel::{
-    alloc::{KVVec, KVec},
     device::Device,
     new_mutex,
     prelude::*,
@@ -37,6 +44,14 @@ use kernel::{
 const REQUEST_TIMEOUT_MS: u32 = 30_000;
 /// Tries of `alloc_contig_range` for one range: ZONE_MOVABLE promises more, so more.
 const FAKE_OFFLINE_TRIES_MOVABLE: u32 = 5;
+#[path = "device_bbm.rs"]
+mod bbm_worker;
+#[path = "device_sbm.rs"]
+mod sbm_worker;
+
+use bbm_worker::BbmState;
+use sbm_worker::SbmState;
+
 /// Stop adding memory while at least this much is added but offline (or two blocks).
 const OFFLINE_THRESHOLD: u64 = 1 << 30;
 
@@ -71,9 +86,72 @@ pub(crate) enum PmEvent {
     Other,
 }
 
-/// How the device's memory is managed. Big Block Mode will be a second variant.
-enum Mode {
-    Sbm(Sbm<KVVec<u64>>),
+/// The device's state behind its lock, by mode: each mode's bookkeeping is reachable only
+/// through its own variant, so Sub Block Mode data cannot be touched in Big Block Mode.
+enum Locked<T> {
+    Sbm(Pin<KBox<Mutex<Inner<T, SbmState>>>>),
+    Bbm(Pin<KBox<Mutex<Inner<T, BbmState>>>>),
+}
+
+/// Runs `$body` with `$g` (`&mut Inner<_, _>`) the device's locked state, whatever its
+/// mode: for what both modes share.
+macro_rules! with_inner {
+    ($self:expr, |$g:ident| $body:expr) => {
+        match &$self.inner {
+            Locked::Sbm(m) => {
+                let mut guard = m.lock();
+                let $g = &mut *guard;
+                $body
+            }
+            Locked::Bbm(m) => {
+                let mut guard = m.lock();
+                let $g = &mut *guard;
+                $body
+            }
+        }
+    };
+}
+
+/// The locked state of a device on platform `P` in mode `M`.
+type Guard<'a, P, M> = MutexGuard<'a, Inner<<P as Platform>::Transport, M>>;
+
+/// Runs `f` with the lock dropped (core mm calls back into the memory notifier and the
+/// online page callback while it adds or removes memory), then takes it again.
+fn unlocked<'a, T, R>(g: MutexGuard<'a, T>, f: impl FnOnce() -> R) -> (MutexGuard<'a, T>, R) {
+    let lock = g.lock_ref();
+    drop(g);
+    let r = f();
+    (lock.lock(), r)
+}
+
+/// What a round of the worker asks of a mode (implemented for each mode's state in
+/// `device_sbm.rs` and `device_bbm.rs`).
+trait Worker<P: Platform>: Sized + Unpin {
+    /// Gives back what is plugged but not added (adding failed, and so did the undo),
+    /// whatever the requested size.
+    fn unplug_pending(vm: &VirtioMem<P>, g: &mut Inner<P::Transport, Self>) -> Result<(), Stop>;
+    /// Tries again to remove what was emptied but could not be removed. `true` if none is
+    /// left.
+    fn remove_leftovers<'a>(
+        vm: &'a VirtioMem<P>,
+        g: Guard<'a, P, Self>,
+    ) -> (Guard<'a, P, Self>, bool);
+    /// Plugs and adds `diff` bytes (as much of it as whole units allow).
+    fn plug<'a>(
+        vm: &'a VirtioMem<P>,
+        g: Guard<'a, P, Self>,
+        diff: u64,
+    ) -> (Guard<'a, P, Self>, Result<(), Stop>);
+    /// Unplugs (and removes) `diff` bytes (as much of it as whole units allow).
+    fn unplug<'a>(
+        vm: &'a VirtioMem<P>,
+        g: Guard<'a, P, Self>,
+        diff: u64,
+    ) -> (Guard<'a, P, Self>, Result<(), Stop>);
+    /// The end address of the highest plugged memory, if any is plugged.
+    fn plugged_end(&self, geo: &Geometry) -> Option<u64>;
+    /// The usable region is now its first `usable` bytes.
+    fn set_usable(&mut self, geo: &Geometry, usable: u64);
 }
 
 /// Why the worker stopped before reaching the requested size.
@@ -100,11 +178,12 @@ enum Stop {
     Freezing,
 }
 
-struct Inner<T> {
+struct Inner<T, M> {
     chan: T,
     /// The response buffer, poisoned before each request.
     resp: [u8; RESPONSE_SIZE as usize],
-    mode: Mode,
+    /// The mode's bookkeeping.
+    mode: M,
     /// The last valid sizes the device reported.
     sizes: Sizes,
     /// What this driver has plugged (the device's `plugged_size` is only compared to it).
@@ -112,8 +191,9 @@ struct Inner<T> {
     /// Memory was plugged at probe: UNPLUG_ALL before anything else.
     unplug_all_required: bool,
     broken: bool,
-    /// The memory block of the request that got no valid answer (which made the device
-    /// broken): what the device did with it is unknown.
+    /// The memory block (Sub Block Mode) or big block (Big Block Mode) of the request that
+    /// got no valid answer (which made the device broken): what the device did with it is
+    /// unknown.
     unknown_mb: Option<usize>,
     removing: bool,
     backoff: Backoff,
@@ -135,8 +215,31 @@ struct Inner<T> {
     last_state: Option<(u64, bool)>,
 }
 
+impl<T, M> Inner<T, M> {
+    fn new(chan: T, mode: M, sizes: Sizes, unplug_all_required: bool) -> Self {
+        Self {
+            chan,
+            resp: RESPONSE_POISON,
+            mode,
+            sizes,
+            plugged: 0,
+            unplug_all_required,
+            broken: false,
+            unknown_mb: None,
+            removing: false,
+            backoff: Backoff::new(),
+            waiting_for_online: false,
+            nacked_at: None,
+            last_busy: None,
+            stall: Stall::default(),
+            pressure: None,
+            frozen: false,
+            last_state: None,
+        }
+    }
+}
+
 /// One virtio-mem device, on platform `P` (the glue, or a mock in the KUnit suites).
-#[pin_data]
 pub(crate) struct VirtioMem<P: Platform> {
     dev: ARef<Device>,
     platform: P,
@@ -144,14 +247,15 @@ pub(crate) struct VirtioMem<P: Platform> {
     /// log2 of the page size.
     page_shift: u32,
     nid: i32,
-    offline_threshold_mbs: usize,
+    /// Stop adding memory while this many memory blocks (Sub Block Mode) or big blocks
+    /// (Big Block Mode) are added but offline.
+    offline_threshold: usize,
     /// A crash kernel (`is_kdump_kernel()`): nothing is plugged, unplugged or added; the
     /// device is only asked what is plugged.
     kdump: bool,
     /// Set by the config change callback (any context), consumed by the worker.
     config_changed: AtomicBool,
-    #[pin]
-    inner: Mutex<Inner<P::Transport>>,
+    inner: Locked<P::Transport>,
 }
 
 /// The state the tests check, as [`VirtioMem::view`] shows it.
@@ -159,7 +263,9 @@ pub(crate) struct VirtioMem<P: Platform> {
 // Not `expect`: the host tests read every field, KUnit only some.
 #[allow(dead_code)]
 pub(crate) struct View<'a> {
-    pub(crate) sbm: &'a Sbm<KVVec<u64>>,
+    /// The mode's bookkeeping: one of the two.
+    pub(crate) sbm: Option<&'a Sbm<KVVec<u64>>>,
+    pub(crate) bbm: Option<&'a Bbm<KVVec<u64>>>,
     pub(crate) plugged: u64,
     /// The requested size of the last valid config.
     pub(crate) requested: u64,
@@ -207,29 +313,39 @@ impl<P: Platform> VirtioMem<P> {
         }
         let raw = chan.read_config();
         let limits = platform.mm_limits();
-        let geo = Geometry::new(&raw, &limits).map_err(|e| config_err(&dev, e))?;
+        let params = platform.mode_params();
+        let geo = Geometry::new(&raw, &limits, &params).map_err(|e| config_err(&dev, e))?;
         let sizes = Sizes::new(&raw, &geo).map_err(|e| config_err(&dev, e))?;
         let nid = platform.node(raw.node_id, geo.addr);
-
-        let nr_mbs = usize::try_from(geo.nr_mbs).map_err(|_| ENOMEM)?;
-        let sbs_per_mb = geo.sbs_per_mb() as usize;
-        let words = Sbm::<KVVec<u64>>::words_needed(nr_mbs, sbs_per_mb).ok_or(ENOMEM)?;
-        let storage = KVVec::from_elem(0u64, words, GFP_KERNEL).inspect_err(|_| {
-            dev_err!(dev, "no memory for the state of {} memory blocks\n", nr_mbs)
-        })?;
-        let mut sbm = Sbm::new(storage, nr_mbs, sbs_per_mb).ok_or(EINVAL)?;
-        sbm.set_usable_mbs(geo.usable_mbs(sizes.usable));
-        sbm.set_usable_tail(geo.usable_tail(sizes.usable));
-
+        if let Some(why) = geo.bbm_size_ignored {
+            dev_warn!(
+                dev,
+                "bbm_block_size={:#x} ignored: {}; using {:#x}\n",
+                params.bbm_block_size,
+                match why {
+                    BbmSizeIgnored::NotPowerOfTwo => "not a power of two",
+                    BbmSizeIgnored::TooSmall => "smaller than the device block or memory block",
+                },
+                geo.bb_size
+            );
+        }
+        let unit = match geo.mode {
+            ModeKind::Sbm => geo.subblock_size,
+            ModeKind::Bbm => geo.bb_size,
+        };
         dev_info!(
             dev,
-            "address {:#x}, region {:#x} (usable {:#x}), device block {:#x}, subblock {:#x}, \
+            "address {:#x}, region {:#x} (usable {:#x}), device block {:#x}, {} {:#x}, \
              memory block {:#x}, node {}{}, {}\n",
             geo.addr,
             geo.region_size,
             sizes.usable,
             geo.device_block_size,
-            geo.subblock_size,
+            match geo.mode {
+                ModeKind::Sbm => "subblock",
+                ModeKind::Bbm => "big block",
+            },
+            unit,
             geo.memory_block_size,
             nid,
             if platform.has_acpi_pxm() {
@@ -239,6 +355,14 @@ impl<P: Platform> VirtioMem<P> {
             },
             geo.mode.name()
         );
+        if geo.mode == ModeKind::Bbm && geo.outside_bbs() != 0 {
+            dev_warn!(
+                dev,
+                "{:#x} of the region lies outside whole big blocks of {:#x} and stays unused\n",
+                geo.outside_bbs(),
+                geo.bb_size
+            );
+        }
         // In a crash kernel the plugged memory is the crashed kernel's, to be dumped.
         let unplug_all_required = sizes.plugged != 0 && !kdump;
         if kdump {
@@ -255,44 +379,48 @@ impl<P: Platform> VirtioMem<P> {
                 sizes.plugged
             );
         }
-        let offline_threshold_mbs =
-            (OFFLINE_THRESHOLD >> geo.memory_block_size.trailing_zeros()).max(2) as usize;
-
-        Arc::pin_init(
-            try_pin_init!(Self {
+        let offline_threshold =
+            (OFFLINE_THRESHOLD >> unit.max(geo.memory_block_size).trailing_zeros()).max(2) as usize;
+        let inner = match geo.mode {
+            ModeKind::Sbm => Locked::Sbm(KBox::pin_init(
+                new_mutex!(
+                    Inner::new(
+                        chan,
+                        sbm_worker::new_state(&dev, &geo, sizes.usable)?,
+                        sizes,
+                        unplug_all_required
+                    ),
+                    "VirtioMem::inner"
+                ),
+                GFP_KERNEL,
+            )?),
+            ModeKind::Bbm => Locked::Bbm(KBox::pin_init(
+                new_mutex!(
+                    Inner::new(
+                        chan,
+                        bbm_worker::new_state(&dev, &geo, sizes.usable)?,
+                        sizes,
+                        unplug_all_required
+                    ),
+                    "VirtioMem::inner"
+                ),
+                GFP_KERNEL,
+            )?),
+        };
+        Ok(Arc::new(
+            Self {
                 dev,
                 platform,
                 geo,
                 page_shift: limits.page_size.trailing_zeros(),
                 nid,
-                offline_threshold_mbs,
+                offline_threshold,
                 kdump,
                 config_changed: AtomicBool::new(true),
-                inner <- new_mutex!(
-                    Inner {
-                        chan,
-                        resp: RESPONSE_POISON,
-                        mode: Mode::Sbm(sbm),
-                        sizes,
-                        plugged: 0,
-                        unplug_all_required,
-                        broken: false,
-                        unknown_mb: None,
-                        removing: false,
-                        backoff: Backoff::new(),
-                        waiting_for_online: false,
-                        nacked_at: None,
-                        last_busy: None,
-                        stall: Stall::default(),
-                        pressure: None,
-                        frozen: false,
-                        last_state: None,
-                    },
-                    "VirtioMem::inner"
-                ),
-            }),
+                inner,
+            },
             GFP_KERNEL,
-        )
+        )?)
     }
 
     /// The platform the device runs on.
@@ -308,7 +436,8 @@ impl<P: Platform> VirtioMem<P> {
         }
         let g = &self.geo;
         self.platform
-            .hotplug_init(g.addr, g.region_size, self.nid, g.memory_block_size)
+            // The memory group's unit: the big block (a memory block in Sub Block Mode).
+            .hotplug_init(g.addr, g.region_size, self.nid, g.bb_size)
             .inspect_err(|e| {
                 dev_err!(
                     self.dev,
@@ -333,7 +462,10 @@ impl<P: Platform> VirtioMem<P> {
     /// reset). Otherwise no request is sent until [`Self::restore`]: the glue resets the
     /// device and deletes its queue next.
     pub(crate) fn freeze(&self, to_idle: bool) -> Result {
-        let mut g = self.inner.lock();
+        with_inner!(self, |g| self.freeze_locked(g, to_idle))
+    }
+
+    fn freeze_locked<M>(&self, g: &mut Inner<P::Transport, M>, to_idle: bool) -> Result {
         // What the device may hold: what this driver plugged, what was plugged before it
         // came (not unplugged yet, or the crashed kernel's), what a request without a valid
         // answer may have plugged.
@@ -370,9 +502,10 @@ impl<P: Platform> VirtioMem<P> {
     /// device is ready. The next round re-reads the config and follows it (the glue kicks
     /// the worker).
     pub(crate) fn restore(&self) {
-        let mut g = self.inner.lock();
-        g.frozen = false;
-        g.last_state = None;
+        with_inner!(self, |g| {
+            g.frozen = false;
+            g.last_state = None;
+        });
         self.config_changed();
     }
 
@@ -411,7 +544,19 @@ impl<P: Platform> VirtioMem<P> {
         let unit = geo.device_block_size.max(page);
         // The device blocks of the page (a hostile region start may not be page aligned).
         let start = (addr & !(unit - 1)).max(geo.addr);
-        let mut g = self.inner.lock();
+        with_inner!(self, |g| self.pfn_is_ram_locked(g, addr, start, unit))
+    }
+
+    /// [`Self::pfn_is_ram`] of the page at `addr`, whose device blocks (or the page, if
+    /// larger: `unit`) start at `start`.
+    fn pfn_is_ram_locked<M>(
+        &self,
+        g: &mut Inner<P::Transport, M>,
+        addr: u64,
+        start: u64,
+        unit: u64,
+    ) -> bool {
+        let geo = &self.geo;
         let usable_end = geo.addr + g.sizes.usable;
         // Nothing plugged at probe, or beyond the usable region: unplugged.
         if g.sizes.plugged == 0 || start >= usable_end {
@@ -426,7 +571,7 @@ impl<P: Platform> VirtioMem<P> {
         let end = (addr & !(unit - 1)).saturating_add(unit).min(usable_end);
         // At most a page's worth of device blocks (a power of two: shifts, no division).
         let nb = ((end - start) >> geo.device_block_size.trailing_zeros()) as u16;
-        let ram = self.state(&mut g, start, nb) == Some(BlockState::Plugged);
+        let ram = self.state(g, start, nb) == Some(BlockState::Plugged);
         g.last_state = Some((start, ram));
         ram
     }
@@ -437,9 +582,16 @@ impl<P: Platform> VirtioMem<P> {
     /// blocks); a MIXED one is asked again in aligned halves, down to a device block (or a
     /// page, if larger: one not wholly plugged is left out, `pfn_is_ram` would say so too).
     /// `EIO` if the device gives no valid answer (it is then broken).
-    pub(crate) fn device_ram(&self, mut add: impl FnMut(u64, u64) -> Result) -> Result {
+    pub(crate) fn device_ram(&self, add: impl FnMut(u64, u64) -> Result) -> Result {
+        with_inner!(self, |g| self.device_ram_locked(g, add))
+    }
+
+    fn device_ram_locked<M>(
+        &self,
+        g: &mut Inner<P::Transport, M>,
+        mut add: impl FnMut(u64, u64) -> Result,
+    ) -> Result {
         let geo = &self.geo;
-        let mut g = self.inner.lock();
         if !self.kdump || g.sizes.plugged == 0 {
             return Ok(());
         }
@@ -477,7 +629,7 @@ impl<P: Platform> VirtioMem<P> {
             }
             let plugged = loop {
                 let nb = (size >> bs.trailing_zeros()) as u16;
-                match self.state(&mut g, pos, nb) {
+                match self.state(g, pos, nb) {
                     None => {
                         dev_err!(
                             self.dev,
@@ -511,71 +663,34 @@ impl<P: Platform> VirtioMem<P> {
     }
 
     /// The device goes away: refuse onlining and offlining from now on, and remove what
-    /// can be removed: offline blocks with unplugged subblocks (without the online page
-    /// callback, onlining them would hand unplugged memory to the kernel), the offline
-    /// block whose last request got no valid answer (for the same reason: subblocks marked
-    /// plugged may not be), and emptied blocks, but not an online one whose last request got
-    /// no valid answer (the device may have plugged what looks empty). What stays added
-    /// stays safe: online memory keeps its fake-offline pages.
-    ///
-    /// The glue has cancelled the worker already. `removing` is set last: until then the
-    /// memory notifier must let this removal offline its own blocks.
+    /// can be removed (what depends on the mode). The glue has cancelled the worker
+    /// already.
     pub(crate) fn remove(&self) {
-        let g = self.inner.lock();
-        let Mode::Sbm(sbm) = &g.mode;
-        let unknown = g
-            .unknown_mb
-            .filter(|&mb| matches!(sbm.state(mb), MbState::Offline | MbState::OfflinePartial));
-        // An online block of unknown state stays: the device may have plugged what looks
-        // empty here, and its fake-offline pages keep it from being offlined.
-        let unknown_online = g.unknown_mb.filter(|&mb| sbm.state(mb).is_online());
-        if let Some(mb) = unknown_online {
-            dev_warn!(
-                self.dev,
-                "memory block {:#x}, online, of unknown state in the device, stays added \
-                 after removal, its pages not known to be plugged fake-offline\n",
-                self.geo.mb_addr(mb)
-            );
+        match &self.inner {
+            Locked::Sbm(m) => self.sbm_remove(m.lock()),
+            Locked::Bbm(m) => self.bbm_remove(m.lock()),
         }
-        let (mut g, _) = self.remove_blocks(
-            g,
-            |sbm, mb| {
-                sbm.state(mb) == MbState::OfflinePartial
-                    || (sbm.is_empty_added(mb) && unknown_online != Some(mb))
-                    || unknown == Some(mb)
-            },
-            |mb| {
-                if unknown == Some(mb) {
-                    dev_err!(
-                        self.dev,
-                        "memory block {:#x}, offline, of unknown state in the device, stays \
-                         added after removal: onlining it may hand unplugged memory to the \
-                         kernel\n",
-                        self.geo.mb_addr(mb)
-                    )
-                } else {
-                    dev_warn!(
-                        self.dev,
-                        "memory block {:#x} stays added after removal\n",
-                        self.geo.mb_addr(mb)
-                    )
-                }
-            },
-        );
-        if let Some(mb) = unknown {
-            let Mode::Sbm(sbm) = &g.mode;
-            if sbm.state(mb) == MbState::Unused {
-                dev_warn!(
-                    self.dev,
-                    "memory block {:#x}, offline, of unknown state in the device, removed: \
-                     once the driver is gone nothing would keep it from being onlined\n",
-                    self.geo.mb_addr(mb)
-                );
-            }
+    }
+
+    /// The memory notifier, for a range overlapping the device's region.
+    pub(crate) fn memory_event(
+        &self,
+        event: MemEvent,
+        start: u64,
+        size: u64,
+        movable: bool,
+    ) -> NotifyAnswer {
+        match &self.inner {
+            Locked::Sbm(m) => self.sbm_memory_event(&mut m.lock(), event, start, size, movable),
+            Locked::Bbm(m) => self.bbm_memory_event(&mut m.lock(), event, start, size, movable),
         }
-        g.removing = true;
-        if g.plugged != 0 {
-            dev_warn!(self.dev, "removed with {:#x} still plugged\n", g.plugged);
+    }
+
+    /// The online page callback: pages `pfn .. pfn + 2^order` of the region go online.
+    pub(crate) fn online_pages(&self, pfn: u64, order: u32) {
+        match &self.inner {
+            Locked::Sbm(m) => self.sbm_online_pages(&m.lock(), pfn, order),
+            Locked::Bbm(m) => self.bbm_online_pages(&m.lock(), pfn, order),
         }
     }
 
@@ -588,10 +703,27 @@ impl<P: Platform> VirtioMem<P> {
     /// Calls `f` with a look at the state, under the lock: the tests' invariants.
     #[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
     pub(crate) fn view<R>(&self, f: impl FnOnce(&View<'_>) -> R) -> R {
-        let g = self.inner.lock();
-        let Mode::Sbm(sbm) = &g.mode;
-        f(&View {
+        match &self.inner {
+            Locked::Sbm(m) => {
+                let g = m.lock();
+                f(&Self::view_of(&g, Some(&g.mode), None))
+            }
+            Locked::Bbm(m) => {
+                let g = m.lock();
+                f(&Self::view_of(&g, None, Some(&g.mode.bbm)))
+            }
+        }
+    }
+
+    #[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
+    fn view_of<'a, M>(
+        g: &'a Inner<P::Transport, M>,
+        sbm: Option<&'a Sbm<KVVec<u64>>>,
+        bbm: Option<&'a Bbm<KVVec<u64>>>,
+    ) -> View<'a> {
+        View {
             sbm,
+            bbm,
             plugged: g.plugged,
             requested: g.sizes.requested,
             broken: g.broken,
@@ -599,14 +731,14 @@ impl<P: Platform> VirtioMem<P> {
             waiting_for_online: g.waiting_for_online,
             nacked_at: g.nacked_at,
             frozen: g.frozen,
-        })
+        }
     }
 
     /// What the guest had when the last round stopped because it needs its memory; `None`
     /// if the last round did not stop for that.
     #[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
     pub(crate) fn waiting_for_guest(&self) -> Option<MemInfo> {
-        self.inner.lock().pressure
+        with_inner!(self, |g| g.pressure)
     }
 
     /// The worker: follows the requested size. Nothing in a crash kernel, nothing while
@@ -615,7 +747,14 @@ impl<P: Platform> VirtioMem<P> {
         if self.kdump {
             return;
         }
-        let mut g = self.inner.lock();
+        match &self.inner {
+            Locked::Sbm(m) => self.run_locked(m.lock()),
+            Locked::Bbm(m) => self.run_locked(m.lock()),
+        }
+    }
+
+    /// A round of the worker in mode `M`.
+    fn run_locked<'a, M: Worker<P>>(&'a self, mut g: Guard<'a, P, M>) {
         let start_plugged = g.plugged;
         let result = loop {
             if g.broken || g.removing || g.frozen {
@@ -643,20 +782,20 @@ impl<P: Platform> VirtioMem<P> {
             }
 
             // Blocks whose adding and undoing both failed: give them back first.
-            if let Err(stop) = self.unplug_pending(&mut g) {
+            if let Err(stop) = M::unplug_pending(self, &mut g) {
                 break Err(stop);
             }
             // Blocks emptied earlier whose removal failed: try again.
-            let (ng, removed_all) = self.remove_empty_blocks(g);
+            let (ng, removed_all) = M::remove_leftovers(self, g);
             g = ng;
 
             let requested = g.sizes.requested;
             let (ng, result) = if requested > g.plugged && g.nacked_at != Some(requested) {
                 let diff = requested - g.plugged;
-                self.plug(g, diff)
+                M::plug(self, g, diff)
             } else if requested < g.plugged {
                 let diff = g.plugged - requested;
-                self.unplug(g, diff)
+                M::unplug(self, g, diff)
             } else {
                 (g, Ok(()))
             };
@@ -740,7 +879,7 @@ impl<P: Platform> VirtioMem<P> {
 
     /// Re-reads the config. `false` if it is invalid (logged; nothing is done until the
     /// next change).
-    fn refresh(&self, g: &mut Inner<P::Transport>) -> bool {
+    fn refresh<M: Worker<P>>(&self, g: &mut Inner<P::Transport, M>) -> bool {
         let raw = g.chan.read_config();
         let sizes = match Sizes::new(&raw, &self.geo) {
             Ok(s) => s,
@@ -753,9 +892,7 @@ impl<P: Platform> VirtioMem<P> {
         // The usable region may only shrink with UNPLUG_ALL, which leaves nothing plugged.
         // Shrunk below plugged memory, it would leave that memory impossible to unplug
         // (requests outside the usable region are invalid).
-        let Mode::Sbm(sbm) = &g.mode;
-        if let Some((mb, sb)) = sbm.plugged_end() {
-            let end = self.geo.sb_addr(mb, sb);
+        if let Some(end) = g.mode.plugged_end(&self.geo) {
             if sizes.usable < end - self.geo.addr {
                 dev_err!(
                     self.dev,
@@ -798,13 +935,7 @@ impl<P: Platform> VirtioMem<P> {
             );
         }
         g.sizes = sizes;
-        let (usable_mbs, tail) = (
-            self.geo.usable_mbs(sizes.usable),
-            self.geo.usable_tail(sizes.usable),
-        );
-        let Mode::Sbm(sbm) = &mut g.mode;
-        sbm.set_usable_mbs(usable_mbs);
-        sbm.set_usable_tail(tail);
+        g.mode.set_usable(&self.geo, sizes.usable);
         true
     }
 
@@ -812,7 +943,7 @@ impl<P: Platform> VirtioMem<P> {
     /// soon (it costs a look at core mm's counters), and tells the operator at the start
     /// of the stall and then at the backoff's pace. No slab is dropped: that would squeeze
     /// a guest that has nothing to spare.
-    fn wait_for_guest(&self, g: &mut Inner<P::Transport>, info: MemInfo) {
+    fn wait_for_guest<M>(&self, g: &mut Inner<P::Transport, M>, info: MemInfo) {
         let r = g.backoff.failed();
         g.pressure = Some(info);
         let asked = g.plugged.saturating_sub(g.sizes.requested) >> 20;
@@ -841,7 +972,7 @@ impl<P: Platform> VirtioMem<P> {
     }
 
     /// Schedules the next round after a failed one (see `retry.rs`).
-    fn retry_later(&self, g: &mut Inner<P::Transport>) {
+    fn retry_later<M>(&self, g: &mut Inner<P::Transport, M>) {
         let r = g.backoff.failed();
         if r.failed_rounds > 1 {
             dev_info!(
@@ -877,7 +1008,7 @@ impl<P: Platform> VirtioMem<P> {
     /// Whether the device asked to be reset (`VIRTIO_CONFIG_S_NEEDS_RESET`, QEMU's
     /// `virtio_error()`): it answers no request any more, so none is sent, rather than each
     /// one waiting for the timeout. Marks the device broken, and says so once.
-    fn needs_reset(&self, g: &mut Inner<P::Transport>) -> bool {
+    fn needs_reset<M>(&self, g: &mut Inner<P::Transport, M>) -> bool {
         if !g.chan.needs_reset() {
             return false;
         }
@@ -892,7 +1023,12 @@ impl<P: Platform> VirtioMem<P> {
         true
     }
 
-    fn mark_broken(&self, g: &mut Inner<P::Transport>, ty: RequestType, resp: Option<Response>) {
+    fn mark_broken<M>(
+        &self,
+        g: &mut Inner<P::Transport, M>,
+        ty: RequestType,
+        resp: Option<Response>,
+    ) {
         if let Some(r) = resp {
             dev_err!(
                 self.dev,
@@ -907,9 +1043,9 @@ impl<P: Platform> VirtioMem<P> {
     /// Sends one request and waits for the answer: `Some(used length)`, with the answer in
     /// `g.resp`, or `None` if it was not sent or not answered in time (logged): the
     /// device's state is then unknown.
-    fn exchange(
+    fn exchange<M>(
         &self,
-        g: &mut Inner<P::Transport>,
+        g: &mut Inner<P::Transport, M>,
         ty: RequestType,
         addr: u64,
         nb_blocks: u16,
@@ -955,9 +1091,9 @@ impl<P: Platform> VirtioMem<P> {
 
     /// Sends one request. `None` if the device did not answer in time or answered
     /// something invalid (logged): its state is then unknown.
-    fn request(
+    fn request<M>(
         &self,
-        g: &mut Inner<P::Transport>,
+        g: &mut Inner<P::Transport, M>,
         ty: RequestType,
         addr: u64,
         nb_blocks: u16,
@@ -976,7 +1112,12 @@ impl<P: Platform> VirtioMem<P> {
     /// are plugged. `None` if it gives no valid answer: ERROR (the range is valid), NACK
     /// or BUSY (not answers to STATE), MIXED for a single block, an invalid answer or
     /// none (logged). The device is then marked broken and asked nothing more.
-    fn state(&self, g: &mut Inner<P::Transport>, addr: u64, nb_blocks: u16) -> Option<BlockState> {
+    fn state<M>(
+        &self,
+        g: &mut Inner<P::Transport, M>,
+        addr: u64,
+        nb_blocks: u16,
+    ) -> Option<BlockState> {
         let ty = RequestType::State;
         let answer = self.exchange(g, ty, addr, nb_blocks).and_then(|used_len| {
             match StateAnswer::decode(&g.resp, used_len) {
@@ -1063,284 +1204,36 @@ impl<P: Platform> VirtioMem<P> {
         }
     }
 
-    /// Sends `ty` for subblocks `first .. first + count` of block `mb`, split into requests
-    /// the 16-bit block count can hold, and counts what the device ACKed in the plugged
-    /// size. Returns how many subblocks were done, and why it stopped early.
-    fn request_sbs(
+    /// Sends PLUG or UNPLUG of `nb` device blocks at `addr` and counts an ACK in the
+    /// plugged size. `Nack` or `Busy` (nothing changed), `Freezing` (not sent: the device
+    /// has no queue), or `Broken` (no valid answer: what the device did is unknown).
+    fn change_blocks<M>(
         &self,
-        g: &mut Inner<P::Transport>,
+        g: &mut Inner<P::Transport, M>,
         ty: RequestType,
-        mb: usize,
-        first: usize,
-        count: usize,
-    ) -> (usize, Result<(), Stop>) {
-        let bpsb = self.geo.blocks_per_sb();
-        let mut done = 0;
-        for (off, n) in protocol::split_run(count, bpsb) {
-            // The device has no queue (only if the worker was not frozen in time).
-            if g.frozen {
-                return (done, Err(Stop::Freezing));
-            }
-            let addr = self.geo.sb_addr(mb, first + off);
-            // `split_run` keeps every request within `u16::MAX` blocks.
-            let nb = (n as u64 * bpsb) as u16;
-            let stop = match self.request(g, ty, addr, nb) {
-                Some(Response::Ack) => {
-                    done += n;
-                    let bytes = (n as u64) << self.geo.sb_shift();
-                    match ty {
-                        RequestType::Plug => g.plugged += bytes,
-                        RequestType::Unplug => g.plugged -= bytes,
-                        RequestType::UnplugAll => g.plugged = 0,
-                        RequestType::State => {}
-                    }
-                    continue;
-                }
-                Some(Response::Nack) => Stop::Nack,
-                Some(Response::Busy) => Stop::Busy,
-                other => {
-                    self.mark_broken(g, ty, other);
-                    // The first such request is the one that broke the device: none is
-                    // sent after it.
-                    g.unknown_mb.get_or_insert(mb);
-                    Stop::Broken
-                }
-            };
-            return (done, Err(stop));
-        }
-        (done, Ok(()))
-    }
-
-    /// Plugs `diff` bytes. Drops and retakes the lock around adding memory.
-    fn plug<'a>(
-        &'a self,
-        mut g: MutexGuard<'a, Inner<P::Transport>>,
-        diff: u64,
-    ) -> (MutexGuard<'a, Inner<P::Transport>>, Result<(), Stop>) {
-        let target = g.plugged + diff;
-        loop {
-            if self.platform.freezing() {
-                return (g, Err(Stop::Freezing));
-            }
-            if self.config_changed.load(Ordering::Acquire) {
-                return (g, Err(Stop::Again));
-            }
-            let nb_sb = ((target - g.plugged) >> self.geo.sb_shift()) as usize;
-            if nb_sb == 0 {
-                return (g, Ok(()));
-            }
-            let Mode::Sbm(sbm) = &g.mode;
-            let Some(step) = sbm.next_plug(nb_sb) else {
-                return (g, Err(Stop::NoRoom));
-            };
-            match step {
-                PlugStep::Added { mb, first, count } => {
-                    let (done, res) = self.request_sbs(&mut g, RequestType::Plug, mb, first, count);
-                    let Mode::Sbm(sbm) = &mut g.mode;
-                    if done > 0 && sbm.plugged_added(mb, first, done) {
-                        self.platform
-                            .fake_online(self.sb_pfn(mb, first), self.sb_pages(done));
-                    }
-                    if let Err(stop) = res {
-                        return (g, Err(stop));
-                    }
-                }
-                PlugStep::New { mb, count } => {
-                    if sbm.offline_mbs() >= self.offline_threshold_mbs {
-                        g.waiting_for_online = true;
-                        return (g, Err(Stop::WaitForOnline));
-                    }
-                    let (done, res) = self.request_sbs(&mut g, RequestType::Plug, mb, 0, count);
-                    if done == 0 {
-                        return (g, res);
-                    }
-                    let Mode::Sbm(sbm) = &mut g.mode;
-                    sbm.plugged_new(mb, done);
-
-                    let addr = self.geo.mb_addr(mb);
-                    let size = self.geo.memory_block_size;
-                    drop(g);
-                    let added = self.platform.add_memory(addr, size);
-                    g = self.inner.lock();
-
-                    if let Err(e) = added {
-                        dev_warn!(
-                            self.dev,
-                            "adding memory {:#x}..{:#x} failed: {:?}\n",
-                            addr,
-                            addr + size - 1,
-                            e
-                        );
-                        let (undone, _) =
-                            self.request_sbs(&mut g, RequestType::Unplug, mb, 0, done);
-                        let Mode::Sbm(sbm) = &mut g.mode;
-                        sbm.unplugged(mb, 0, undone);
-                        sbm.add_failed(mb, undone == done);
-                        let stop = if g.broken {
-                            Stop::Broken
-                        } else {
-                            Stop::RetryLater
-                        };
-                        return (g, Err(stop));
-                    }
-                    if let Err(stop) = res {
-                        return (g, Err(stop));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Unplugs `diff` bytes: offline blocks first (nothing to migrate), then online ones
-    /// (if `unplug_online`), in the C driver's order. Drops and retakes the lock to remove
-    /// emptied blocks.
-    fn unplug<'a>(
-        &'a self,
-        mut g: MutexGuard<'a, Inner<P::Transport>>,
-        diff: u64,
-    ) -> (MutexGuard<'a, Inner<P::Transport>>, Result<(), Stop>) {
-        let sb_shift = self.geo.sb_shift();
-        let target = g.plugged - diff;
-        // Only what this round could not free is worth explaining.
-        g.last_busy = None;
-        let Mode::Sbm(sbm) = &g.mode;
-        let Ok(mut tried) = KVec::from_elem(false, sbm.nr_mbs(), GFP_KERNEL) else {
-            return (g, Err(Stop::RetryLater));
-        };
-        // A block left with nothing plugged could not be removed: retry it later.
-        let mut removal_failed = false;
-        // The guest could not spare all that was asked (what it had then).
-        let mut pressure = None;
-        loop {
-            // Between steps (a block emptied is removed first). Within an online block,
-            // `fake_offline` looks before each run is taken.
-            if self.platform.freezing() {
-                return (g, Err(Stop::Freezing));
-            }
-            if self.config_changed.load(Ordering::Acquire) {
-                return (g, Err(Stop::Again));
-            }
-            let nb_sb = ((g.plugged - target) >> sb_shift) as usize;
-            let Mode::Sbm(sbm) = &g.mode;
-            let step = sbm.next_unplug(nb_sb, self.platform.unplug_online(), |mb| tried[mb]);
-            let Some(step) = step else {
-                // Nothing more to try this round; what is left waits for the next one.
-                let res = match pressure {
-                    Some(info) if nb_sb > 0 => Err(Stop::Pressure(info)),
-                    _ if nb_sb > 0 || removal_failed => Err(Stop::RetryLater),
-                    _ => Ok(()),
-                };
-                return (g, res);
-            };
-            let mb = match step {
-                UnplugStep::Offline { mb, first, count } => {
-                    let (done, res) =
-                        self.request_sbs(&mut g, RequestType::Unplug, mb, first, count);
-                    let Mode::Sbm(sbm) = &mut g.mode;
-                    sbm.unplugged(mb, first, done);
-                    if let Err(stop) = res {
-                        return (g, Err(unplug_stop(stop)));
-                    }
-                    mb
-                }
-                UnplugStep::Online { mb } => {
-                    let Mode::Sbm(sbm) = &g.mode;
-                    let mut cursor = OnlineCursor::new(sbm);
-                    loop {
-                        let nb_sb = ((g.plugged - target) >> sb_shift) as usize;
-                        // Never more than the guest can spare now.
-                        let info = self.platform.mem_info();
-                        let spare = (info.spare() >> sb_shift).min(nb_sb as u64) as usize;
-                        if spare < nb_sb {
-                            if spare == 0 {
-                                return (g, Err(Stop::Pressure(info)));
-                            }
-                            pressure = Some(info);
-                        }
-                        let Mode::Sbm(sbm) = &g.mode;
-                        let Some((first, count)) = cursor.next(sbm, mb, spare) else {
-                            break;
-                        };
-                        match self.unplug_online(&mut g, mb, first, count) {
-                            // Busy memory: smaller runs of it come next. A busy device
-                            // ends the round.
-                            Ok(()) | Err(Stop::RetryLater) => {}
-                            Err(stop) => return (g, Err(stop)),
-                        }
-                    }
-                    tried[mb] = true;
-                    mb
-                }
-            };
-            let Mode::Sbm(sbm) = &g.mode;
-            if sbm.plugged(mb, 0, sbm.sbs_per_mb()) == Plugged::None {
-                let (ng, removed) = self.remove_block(g, mb);
-                g = ng;
-                removal_failed |= !removed;
-                tried[mb] = true;
-            }
-        }
-    }
-
-    /// Unplugs the blocks left plugged but not added (adding failed, and so did the undo
-    /// UNPLUG), whatever the requested size, as the C driver's
-    /// `virtio_mem_cleanup_pending_mb` does: plugging starts over from unused blocks.
-    fn unplug_pending(&self, g: &mut Inner<P::Transport>) -> Result<(), Stop> {
-        loop {
-            let Mode::Sbm(sbm) = &g.mode;
-            let Some((mb, first, count)) = sbm.next_pending() else {
-                return Ok(());
-            };
-            let (done, res) = self.request_sbs(g, RequestType::Unplug, mb, first, count);
-            let Mode::Sbm(sbm) = &mut g.mode;
-            if sbm.unplugged(mb, first, done) {
-                dev_info!(
-                    self.dev,
-                    "memory block {:#x}, never added, is unplugged again\n",
-                    self.geo.mb_addr(mb)
-                );
-            }
-            res.map_err(unplug_stop)?;
-        }
-    }
-
-    /// Gives back subblocks `first .. first + count` of online block `mb`: fake-offline
-    /// them, then UNPLUG. Pages return to the kernel only if the device surely kept them
-    /// (NACK, BUSY); after ERROR or no valid answer they stay fake-offline.
-    fn unplug_online(
-        &self,
-        g: &mut Inner<P::Transport>,
-        mb: usize,
-        first: usize,
-        count: usize,
+        addr: u64,
+        nb: u16,
     ) -> Result<(), Stop> {
-        let pfn = self.sb_pfn(mb, first);
-        let nr = self.sb_pages(count);
-        if let Err(stop) = self.fake_offline(pfn, nr) {
-            if matches!(stop, Stop::RetryLater) {
-                g.last_busy = Some((pfn, nr));
-            }
-            return Err(stop);
+        // The device has no queue (only if the worker was not frozen in time).
+        if g.frozen {
+            return Err(Stop::Freezing);
         }
-        let (done, res) = self.request_sbs(g, RequestType::Unplug, mb, first, count);
-        let Mode::Sbm(sbm) = &mut g.mode;
-        sbm.unplugged(mb, first, done);
-        match res {
-            Ok(()) => Ok(()),
-            Err(Stop::Broken) => {
-                dev_err!(
-                    self.dev,
-                    "{:#x}..{:#x} stays fake-offline: its state in the device is unknown\n",
-                    self.geo.sb_addr(mb, first + done),
-                    self.geo.sb_addr(mb, first + count) - 1
-                );
-                Err(Stop::Broken)
+        match self.request(g, ty, addr, nb) {
+            Some(Response::Ack) => {
+                let bytes = u64::from(nb) << self.geo.device_block_size.trailing_zeros();
+                match ty {
+                    RequestType::Plug => g.plugged += bytes,
+                    RequestType::Unplug => g.plugged -= bytes,
+                    RequestType::UnplugAll => g.plugged = 0,
+                    RequestType::State => {}
+                }
+                Ok(())
             }
-            Err(stop) => {
-                // Still plugged for certain: back to the kernel.
-                self.platform
-                    .fake_online(self.sb_pfn(mb, first + done), self.sb_pages(count - done));
-                Err(unplug_stop(stop))
+            Some(Response::Nack) => Err(Stop::Nack),
+            Some(Response::Busy) => Err(Stop::Busy),
+            other => {
+                self.mark_broken(g, ty, other);
+                Err(Stop::Broken)
             }
         }
     }
@@ -1381,214 +1274,5 @@ impl<P: Platform> VirtioMem<P> {
             pfn + nr - 1
         );
         Err(Stop::RetryLater)
-    }
-
-    /// Offlines and removes memory block `mb`, which has nothing plugged any more. Drops
-    /// the lock meanwhile. `false` if that failed (it is tried again later).
-    fn remove_block<'a>(
-        &'a self,
-        g: MutexGuard<'a, Inner<P::Transport>>,
-        mb: usize,
-    ) -> (MutexGuard<'a, Inner<P::Transport>>, bool) {
-        let addr = self.geo.mb_addr(mb);
-        let size = self.geo.memory_block_size;
-        drop(g);
-        let res = self.platform.offline_and_remove(addr, size);
-        let mut g = self.inner.lock();
-        match res {
-            Ok(()) => {
-                let Mode::Sbm(sbm) = &mut g.mode;
-                sbm.removed(mb);
-                (g, true)
-            }
-            Err(e) => {
-                dev_dbg!(
-                    self.dev,
-                    "removing memory block {:#x} failed ({:?}); will retry\n",
-                    addr,
-                    e
-                );
-                (g, false)
-            }
-        }
-    }
-
-    /// Removes every block for which `wanted` holds, lowest first; `on_failure` hears of
-    /// those that could not be removed. `true` if all were removed.
-    fn remove_blocks<'a>(
-        &'a self,
-        mut g: MutexGuard<'a, Inner<P::Transport>>,
-        wanted: impl Fn(&Sbm<KVVec<u64>>, usize) -> bool,
-        on_failure: impl Fn(usize),
-    ) -> (MutexGuard<'a, Inner<P::Transport>>, bool) {
-        let mut all = true;
-        let mut from = 0;
-        loop {
-            let Mode::Sbm(sbm) = &g.mode;
-            let Some(mb) = (from..sbm.nr_mbs()).find(|&mb| wanted(sbm, mb)) else {
-                return (g, all);
-            };
-            from = mb + 1;
-            let (ng, removed) = self.remove_block(g, mb);
-            g = ng;
-            if !removed {
-                on_failure(mb);
-                all = false;
-            }
-        }
-    }
-
-    /// Tries to remove every added block with nothing plugged. `true` if none is left.
-    fn remove_empty_blocks<'a>(
-        &'a self,
-        g: MutexGuard<'a, Inner<P::Transport>>,
-    ) -> (MutexGuard<'a, Inner<P::Transport>>, bool) {
-        self.remove_blocks(g, |sbm, mb| sbm.is_empty_added(mb), |_| {})
-    }
-
-    /// Page frame number of subblock `sb` of block `mb`.
-    fn sb_pfn(&self, mb: usize, sb: usize) -> u64 {
-        self.geo.sb_addr(mb, sb) >> self.page_shift
-    }
-
-    /// Pages in `count` subblocks.
-    fn sb_pages(&self, count: usize) -> u64 {
-        (count as u64) << (self.geo.sb_shift() - self.page_shift)
-    }
-
-    /// The memory notifier, for a range overlapping the device's region.
-    pub(crate) fn memory_event(
-        &self,
-        event: MemEvent,
-        start: u64,
-        size: u64,
-        movable: bool,
-    ) -> NotifyAnswer {
-        let mut g = self.inner.lock();
-        let (removing, broken) = (g.removing, g.broken);
-        let Some(mb) = self.geo.mb_exactly(start, size) else {
-            if matches!(event, MemEvent::GoingOnline | MemEvent::GoingOffline) {
-                dev_warn!(
-                    self.dev,
-                    "refusing to change {:#x}..{:#x}: not a memory block of this device\n",
-                    start,
-                    start + size - 1
-                );
-                return NotifyAnswer::Bad;
-            }
-            return NotifyAnswer::Done;
-        };
-        let Mode::Sbm(sbm) = &mut g.mode;
-        let refuse = |what: &str, state: MbState| {
-            dev_warn!(
-                self.dev,
-                "refusing to {} memory block {:#x}: it is {}\n",
-                what,
-                start,
-                state.name()
-            );
-            NotifyAnswer::Bad
-        };
-        match event {
-            MemEvent::GoingOnline if removing => return refuse("online", sbm.state(mb)),
-            // After a lost or invalid answer, subblocks marked plugged may not be: nothing
-            // of a broken device goes online any more.
-            MemEvent::GoingOnline if broken => {
-                dev_warn!(
-                    self.dev,
-                    "refusing to online memory block {:#x}: the device is broken, the state of \
-                     its memory unknown\n",
-                    start
-                );
-                return NotifyAnswer::Bad;
-            }
-            MemEvent::GoingOffline if removing => return refuse("offline", sbm.state(mb)),
-            MemEvent::GoingOnline => {
-                if let Err(s) = sbm.going_online(mb) {
-                    return refuse("online", s);
-                }
-            }
-            MemEvent::Online => {
-                if let Err(s) = sbm.online(mb, movable) {
-                    dev_err!(
-                        self.dev,
-                        "memory block {:#x} went online while {}\n",
-                        start,
-                        s.name()
-                    );
-                }
-                if g.waiting_for_online {
-                    g.waiting_for_online = false;
-                    self.platform.queue_work(0);
-                }
-            }
-            MemEvent::CancelOnline => sbm.cancel_online(mb),
-            MemEvent::GoingOffline => {
-                if let Err(s) = sbm.going_offline(mb) {
-                    return refuse("offline", s);
-                }
-                for (first, count) in sbm.unplugged_runs(mb) {
-                    self.platform
-                        .going_offline(self.sb_pfn(mb, first), self.sb_pages(count));
-                }
-            }
-            // Core mm cancels for every notifier, also when ours refused or was never asked
-            // (an earlier one refused): only undo what our GOING_OFFLINE did.
-            MemEvent::CancelOffline if !(sbm.in_transition(mb) && sbm.state(mb).is_online()) => {}
-            MemEvent::CancelOffline => {
-                for (first, count) in sbm.unplugged_runs(mb) {
-                    self.platform
-                        .cancel_offline(self.sb_pfn(mb, first), self.sb_pages(count));
-                }
-                sbm.cancel_offline(mb);
-            }
-            MemEvent::Offline => {
-                if let Err(s) = sbm.offline(mb) {
-                    dev_err!(
-                        self.dev,
-                        "memory block {:#x} went offline while {}\n",
-                        start,
-                        s.name()
-                    );
-                }
-            }
-        }
-        NotifyAnswer::Ok
-    }
-
-    /// The online page callback: pages `pfn .. pfn + 2^order` of the region go online.
-    /// Plugged subblocks go to the buddy, unplugged ones stay fake-offline.
-    pub(crate) fn online_pages(&self, pfn: u64, mut order: u32) {
-        let g = self.inner.lock();
-        let Mode::Sbm(sbm) = &g.mode;
-        let shift = self.page_shift;
-        let sb_order = self.geo.sb_shift() - shift;
-        let end = (pfn + (1 << order)) << shift;
-        let mut addr = pfn << shift;
-        while addr < end {
-            let size = 1 << (shift + order);
-            let online = match self.geo.mb_of(addr, size) {
-                Some(mb) => {
-                    let (first, count) = self.geo.sb_span(mb, addr, size);
-                    match sbm.plugged(mb, first, count) {
-                        Plugged::All => true,
-                        Plugged::None => false,
-                        Plugged::Mixed => {
-                            // Larger than a subblock: go subblock by subblock.
-                            order = sb_order;
-                            continue;
-                        }
-                    }
-                }
-                // Not a block of this device (onlining it was refused): keep it away.
-                None => false,
-            };
-            if online {
-                self.platform.online_pages(addr >> shift, order);
-            } else {
-                self.platform.keep_fake_offline(addr >> shift, 1 << order);
-            }
-            addr += size;
-        }
     }
 }

@@ -26,7 +26,7 @@
 //! `hrtimer_start`.
 
 use crate::{
-    config::{Limits, RawConfig},
+    config::{Limits, ModeParams, RawConfig},
     device::{MemEvent, NotifyAnswer, PmEvent},
     headroom::MemInfo,
     platform::{Platform, Transport},
@@ -101,6 +101,7 @@ extern "C" {
         active_file: *mut u64,
     );
     fn vmr_glue_unplug_online() -> bool;
+    fn vmr_glue_mode_params(force: *mut bool, block_size: *mut u64);
     fn vmr_glue_in_kdump(glue: *mut RawGlue) -> bool;
     fn vmr_glue_has_vmcore() -> bool;
     fn vmr_glue_freezing() -> bool;
@@ -332,6 +333,16 @@ impl Platform for Glue {
 
     fn mm_limits(&self) -> Limits {
         mm_limits()
+    }
+
+    fn mode_params(&self) -> ModeParams {
+        let (mut force_bbm, mut bbm_block_size) = (false, 0);
+        // SAFETY: both pointers are valid for writes; reads two module parameters.
+        unsafe { vmr_glue_mode_params(&mut force_bbm, &mut bbm_block_size) };
+        ModeParams {
+            force_bbm,
+            bbm_block_size,
+        }
     }
 
     fn node(&self, node_id: u16, addr: u64) -> i32 {

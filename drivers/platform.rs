@@ -12,7 +12,7 @@
 //! Everything that comes through [`Transport`] is untrusted: the logic validates it.
 
 use crate::{
-    config::{Limits, RawConfig},
+    config::{Limits, ModeParams, RawConfig},
     headroom::MemInfo,
     protocol::{REQUEST_SIZE, RESPONSE_SIZE},
 };
@@ -55,6 +55,8 @@ pub(crate) trait Platform: Send + Sync + Sized + 'static {
 
     /// The kernel's page size, memory block size, pageblock size and pluggable range.
     fn mm_limits(&self) -> Limits;
+    /// The module parameters that choose the mode (`force_bbm`, `bbm_block_size`).
+    fn mode_params(&self) -> ModeParams;
     /// The NUMA node of the device's memory.
     fn node(&self, node_id: u16, addr: u64) -> i32;
     /// Whether the device negotiated `VIRTIO_MEM_F_ACPI_PXM`.

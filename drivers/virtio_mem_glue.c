@@ -93,6 +93,16 @@ static bool unplug_online = true;
 module_param(unplug_online, bool, 0644);
 MODULE_PARM_DESC(unplug_online, "Try to unplug online memory");
 
+static bool force_bbm;
+module_param(force_bbm, bool, 0444);
+MODULE_PARM_DESC(force_bbm,
+		 "Force Big Block Mode. Default is 0 (auto-selection)");
+
+static unsigned long bbm_block_size;
+module_param(bbm_block_size, ulong, 0444);
+MODULE_PARM_DESC(bbm_block_size,
+		 "Big Block size in bytes. Default is 0 (auto-detection).");
+
 /* ---- the online page callback and the memory notifier ---------------------------------- */
 
 /* For glue.rs's online page callback: page_to_pfn() is a macro. */
@@ -559,6 +569,12 @@ void vmr_glue_mem_info(u64 *available, u64 *total, u64 *slab_reclaimable, u64 *a
 bool vmr_glue_unplug_online(void)
 {
 	return READ_ONCE(unplug_online);
+}
+
+void vmr_glue_mode_params(bool *force, u64 *block_size)
+{
+	*force = force_bbm;
+	*block_size = bbm_block_size;
 }
 
 bool vmr_glue_in_kdump(struct vmr_glue *glue)

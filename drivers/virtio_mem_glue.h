@@ -68,6 +68,7 @@ int vmr_glue_offline_and_remove(u64 addr, u64 size);
 bool vmr_glue_drop_slab(void);
 void vmr_glue_mem_info(u64 *available, u64 *total, u64 *slab_reclaimable, u64 *active_file);
 bool vmr_glue_unplug_online(void);
+void vmr_glue_mode_params(bool *force, u64 *block_size);
 bool vmr_glue_in_kdump(struct vmr_glue *glue);
 bool vmr_glue_has_vmcore(void);
 bool vmr_glue_freezing(void);

@@ -9,6 +9,7 @@
 //! - [`config`]: the device's configuration, validated;
 //! - [`protocol`]: requests and responses;
 //! - [`sbm`]: Sub Block Mode bookkeeping, plug and unplug planning;
+//! - [`bbm`]: Big Block Mode bookkeeping: big block states, online memory blocks, unplug passes;
 //! - [`retry`]: the retry schedule;
 //! - [`headroom`]: what the guest keeps for itself while memory is unplugged;
 //! - [`device`]: one device: the worker, the memory notifier, the online page callback;
@@ -20,6 +21,7 @@
 
 use kernel::prelude::*;
 
+mod bbm;
 mod config;
 mod device;
 mod glue;

@@ -18,14 +18,16 @@
 //! reference) by the rules of `kunit/pages.rs`, and counts in [`State::violations`] every
 //! operation that would be a bug in the real kernel: memory the device has not plugged
 //! handed to the buddy, fake-offlining pages not in the buddy, references dropped or taken
-//! back twice, removing memory that is still plugged.
+//! back twice, removing memory that is still plugged (in Sub Block Mode, which unplugs
+//! before it removes; in Big Block Mode the driver removes a big block first and unplugs it
+//! after, as the C driver does: [`State::removes_plugged`]).
 //!
 //! What the guest has ([`Platform::mem_info`]) is [`State::available`]: taking online
 //! memory (fake-offline) lowers it, handing memory to the buddy raises it; `MemTotal` is
 //! [`State::other_memory`] plus the device's memory in the buddy.
 
 use crate::{
-    config::{Limits, RawConfig},
+    config::{Limits, ModeParams, RawConfig},
     headroom::MemInfo,
     pages::{self, Move},
     platform::{Platform, Transport},
@@ -129,14 +131,17 @@ pub(crate) struct State {
     pub(crate) chunks: KVec<Chunk>,
     /// Kernel bugs the driver would have caused (see the module documentation).
     pub(crate) violations: u32,
-    /// Memory blocks added and removed (addresses), in order.
+    /// Memory added and removed (addresses), in order, and the size of each addition.
     pub(crate) added: KVec<u64>,
+    pub(crate) added_sizes: KVec<u64>,
     pub(crate) removed: KVec<u64>,
     /// Worker runs asked for, by delay in ms.
     pub(crate) queued: KVec<u32>,
     /// Fail the next this many fake-offline tries (`EBUSY`), additions (`ENOMEM`) and
     /// removals (`EBUSY`).
     pub(crate) fail_fake_offline: u32,
+    /// Let this many fake-offline tries succeed before `fail_fake_offline` counts.
+    pub(crate) fail_fake_offline_after: u32,
     pub(crate) fail_add: u32,
     pub(crate) fail_remove: u32,
     /// The `unplug_online` parameter; whether memory is in ZONE_MOVABLE.
@@ -146,6 +151,10 @@ pub(crate) struct State {
     pub(crate) limits: Limits,
     /// Use the running kernel's real limits instead.
     pub(crate) real_limits: bool,
+    /// Removing plugged memory is no violation: the tests of Big Block Mode set this.
+    pub(crate) removes_plugged: bool,
+    /// The `force_bbm` and `bbm_block_size` parameters.
+    pub(crate) mode_params: ModeParams,
     pub(crate) drop_slab_calls: u32,
     /// `MemAvailable`, in bytes.
     pub(crate) available: u64,
@@ -357,15 +366,19 @@ pub(crate) fn new_mock(cfg: RawConfig) -> Result<(MockPlatform, MockTransport)> 
         chunks: KVec::from_elem(Chunk::Absent, chunks, GFP_KERNEL)?,
         violations: 0,
         added: KVec::new(),
+        added_sizes: KVec::new(),
         removed: KVec::new(),
         queued: KVec::new(),
         fail_fake_offline: 0,
+        fail_fake_offline_after: 0,
         fail_add: 0,
         fail_remove: 0,
         unplug_online: true,
         movable: false,
         limits: mock_limits(),
         real_limits: false,
+        removes_plugged: false,
+        mode_params: ModeParams::default(),
         drop_slab_calls: 0,
         available: 16 << 30,
         other_memory: 1 << 30,
@@ -497,6 +510,10 @@ impl Platform for MockPlatform {
         }
     }
 
+    fn mode_params(&self) -> ModeParams {
+        self.0.state.lock().mode_params
+    }
+
     fn node(&self, _node_id: u16, _addr: u64) -> i32 {
         0
     }
@@ -548,6 +565,7 @@ impl Platform for MockPlatform {
         let pfn = addr / PAGE;
         s.move_chunks(pfn, size / PAGE, Move::Add);
         s.added.push(addr, GFP_KERNEL)?;
+        s.added_sizes.push(size, GFP_KERNEL)?;
         Ok(())
     }
 
@@ -564,7 +582,7 @@ impl Platform for MockPlatform {
         for c in range {
             // An online block goes offline first: the memory notifier has the driver drop
             // its references (not modelled here), then the pages leave the buddy.
-            let plugged = s.chunk_plugged(c);
+            let plugged = s.chunk_plugged(c) && !s.removes_plugged;
             let moves: &[Move] = match s.chunks[c] {
                 Chunk::FakeOffline { ref_held: true } => {
                     &[Move::GoingOffline, Move::Offline, Move::Remove]
@@ -628,7 +646,9 @@ impl Platform for MockPlatform {
     fn fake_offline(&self, pfn: u64, nr: u64) -> Result {
         let mut s = self.0.state.lock();
         s.fake_offline_tries += 1;
-        if s.fail_fake_offline > 0 {
+        if s.fail_fake_offline_after > 0 {
+            s.fail_fake_offline_after -= 1;
+        } else if s.fail_fake_offline > 0 {
             s.fail_fake_offline -= 1;
             if let Some(a) = s.available_after_failure {
                 s.available = a;

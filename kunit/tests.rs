@@ -175,27 +175,30 @@ impl Fixture {
         f(&mut self.mock.state.lock());
     }
 
-    /// Onlines every memory block added since the last call, as core mm does: the memory
-    /// notifier, then the online page callback in `MAX_PAGE_ORDER` pieces.
+    /// Onlines every memory block added since the last call, as core mm does, memory
+    /// block by memory block: the memory notifier, then the online page callback in
+    /// `MAX_PAGE_ORDER` pieces.
     fn online_added(&mut self) -> Result {
         loop {
-            let addr = {
+            let (start, size) = {
                 let s = self.mock.state.lock();
-                match s.added.get(self.onlined) {
-                    Some(&a) => a,
-                    None => return Ok(()),
+                match (s.added.get(self.onlined), s.added_sizes.get(self.onlined)) {
+                    (Some(&a), Some(&n)) => (a, n),
+                    _ => return Ok(()),
                 }
             };
             self.onlined += 1;
-            let ev = |e| self.vm.memory_event(e, addr, MEMORY_BLOCK, false);
-            if ev(MemEvent::GoingOnline) != NotifyAnswer::Ok {
-                return Err(EINVAL);
+            for addr in (start..start + size).step_by(MEMORY_BLOCK as usize) {
+                let ev = |e| self.vm.memory_event(e, addr, MEMORY_BLOCK, false);
+                if ev(MemEvent::GoingOnline) != NotifyAnswer::Ok {
+                    return Err(EINVAL);
+                }
+                let step = PAGE << ONLINE_ORDER;
+                for off in (0..MEMORY_BLOCK).step_by(step as usize) {
+                    self.vm.online_pages((addr + off) / PAGE, ONLINE_ORDER);
+                }
+                ev(MemEvent::Online);
             }
-            let step = PAGE << ONLINE_ORDER;
-            for off in (0..MEMORY_BLOCK).step_by(step as usize) {
-                self.vm.online_pages((addr + off) / PAGE, ONLINE_ORDER);
-            }
-            ev(MemEvent::Online);
         }
     }
 
@@ -344,13 +347,30 @@ mod config_suite {
     }
 
     #[test]
-    fn block_of_a_memory_block_needs_big_block_mode() -> Result {
-        // Not supported yet: refused rather than misused.
+    fn device_block_larger_than_the_region() -> Result {
         let cfg = RawConfig {
-            block_size: MEMORY_BLOCK,
+            block_size: 2 << 30,
+            addr: 4 << 30,
             ..qemu_config()
         };
-        assert_eq!(refused(c"vmr-kunit-bbm", cfg)?, (true, 0));
+        assert_eq!(refused(c"vmr-kunit-bs-region", cfg)?, (true, 0));
+        Ok(())
+    }
+
+    #[test]
+    fn region_without_a_whole_big_block() -> Result {
+        // 256 MiB big blocks, a region of 256 MiB starting 128 MiB into one.
+        let cfg = RawConfig {
+            block_size: 128 * MIB,
+            addr: (4 << 30) + 128 * MIB,
+            region_size: 256 * MIB,
+            usable_region_size: 256 * MIB,
+            ..qemu_config()
+        };
+        let res = refused_with(c"vmr-kunit-no-bb", cfg, |s| {
+            s.mode_params.bbm_block_size = 256 * MIB
+        })?;
+        assert_eq!(res, (true, 0));
         Ok(())
     }
 
@@ -965,6 +985,338 @@ mod responses_suite {
         let s = f.snap();
         assert_eq!(s.removed, 2);
         assert_eq!(s.violations, 0);
+        Ok(())
+    }
+}
+
+/// A device of 128 MiB blocks (a memory block each): Big Block Mode, a 1 GiB region at
+/// 4 GiB, 8 big blocks.
+fn bbm_config() -> RawConfig {
+    RawConfig {
+        block_size: MEMORY_BLOCK,
+        ..qemu_config()
+    }
+}
+
+/// [`probe`] for Big Block Mode, where a big block is removed before it is unplugged.
+fn bbm_probe(name: &CStr, cfg: RawConfig, tweak: impl FnOnce(&mut State)) -> Result<Fixture> {
+    probe(name, cfg, |s| {
+        s.removes_plugged = true;
+        tweak(s)
+    })
+}
+
+#[kunit_tests(virtio_mem_rust_bbm)]
+mod bbm_suite {
+    use super::*;
+    use crate::bbm::BbState;
+
+    /// The state of big block `bb`, if the device is in Big Block Mode.
+    fn bb_state(f: &Fixture, bb: usize) -> Option<BbState> {
+        f.vm.view(|v| v.bbm.map(|b| b.state(bb)))
+    }
+
+    #[test]
+    fn memory_block_sized_device_grows_and_shrinks() -> Result {
+        let mut f = bbm_probe(c"vmr-kunit-bbm-128m", bbm_config(), |_| {})?;
+        let s = f.grow_online(512 * MIB)?;
+        assert_eq!(s.device, 512 * MIB);
+        assert_eq!(s.driver, 512 * MIB);
+        assert_eq!(s.added, 4);
+        // One PLUG per big block, the whole block at once.
+        assert_eq!(s.plugs, 4);
+        assert_eq!(s.buddy, 256);
+        assert_eq!(bb_state(&f, 3), Some(BbState::Added));
+        f.resize(128 * MIB);
+        let s = f.snap();
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.driver, 128 * MIB);
+        assert_eq!(s.removed, 3);
+        assert_eq!(s.buddy, 64);
+        // Highest first.
+        assert_eq!(
+            f.mock.state.lock().removed.first().copied(),
+            Some((4 << 30) + 384 * MIB)
+        );
+        assert_eq!(bb_state(&f, 3), Some(BbState::Unused));
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(s.device, 0);
+        assert_eq!(s.removed, 4);
+        assert_eq!(s.buddy + s.fake_offline, 0);
+        assert_eq!(s.invalid, 0);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn requested_size_is_followed_in_whole_big_blocks() -> Result {
+        // 2 MiB device blocks in 256 MiB big blocks.
+        let mut f = bbm_probe(c"vmr-kunit-bbm-whole", qemu_config(), |s| {
+            s.mode_params.force_bbm = true;
+            s.mode_params.bbm_block_size = 256 * MIB;
+        })?;
+        // 600 MiB: two big blocks, as the C driver (never more than asked).
+        let s = f.grow_online(600 * MIB)?;
+        assert_eq!(s.device, 512 * MIB);
+        assert_eq!(s.added, 2);
+        // 300 MiB: less than a big block too many, nothing goes (as the C driver: the
+        // guest keeps what it was given rather than less than asked).
+        f.resize(300 * MIB);
+        assert_eq!(f.snap().device, 512 * MIB);
+        assert!(f.snap().last_delay.is_none());
+        // 200 MiB: one big block goes.
+        f.resize(200 * MIB);
+        assert_eq!(f.snap().device, 256 * MIB);
+        assert_eq!(f.snap().violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn force_bbm_with_a_big_block_size() -> Result {
+        // 2 MiB device blocks would be Sub Block Mode; forced, with 256 MiB big blocks.
+        let mut f = bbm_probe(c"vmr-kunit-bbm-force", qemu_config(), |s| {
+            s.mode_params.force_bbm = true;
+            s.mode_params.bbm_block_size = 256 * MIB;
+        })?;
+        assert!(bb_state(&f, 0).is_some());
+        let s = f.grow_online(512 * MIB)?;
+        assert_eq!(s.device, 512 * MIB);
+        assert_eq!(s.added, 2);
+        assert_eq!(s.plugs, 2);
+        assert_eq!(f.mock.state.lock().requests[0].nb_blocks, 128);
+        assert_eq!(s.buddy, 256);
+        f.resize(256 * MIB);
+        let s = f.snap();
+        assert_eq!(s.device, 256 * MIB);
+        assert_eq!(s.removed, 1);
+        assert_eq!(s.buddy, 128);
+        assert_eq!(s.violations, 0);
+        assert_eq!(s.invalid, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn unusable_big_block_size_is_ignored() -> Result {
+        // Not a power of two: the smallest big block (a memory block) is used.
+        let mut f = bbm_probe(c"vmr-kunit-bbm-ignored", bbm_config(), |s| {
+            s.mode_params.bbm_block_size = 200 * MIB;
+        })?;
+        let s = f.grow_online(256 * MIB)?;
+        assert_eq!(s.added, 2);
+        assert_eq!(s.device, 256 * MIB);
+        Ok(())
+    }
+
+    #[test]
+    fn offline_big_blocks_go_first() -> Result {
+        let mut f = bbm_probe(c"vmr-kunit-bbm-offline-first", bbm_config(), |_| {})?;
+        // Big blocks 0 and 1 stay offline, 2 and 3 go online.
+        f.resize(256 * MIB);
+        f.onlined = 2;
+        f.grow_online(512 * MIB)?;
+        let before = f.snap();
+        assert_eq!(before.buddy, 128);
+        f.resize(256 * MIB);
+        let s = f.snap();
+        // Both offline big blocks, highest first; nothing taken from the kernel.
+        {
+            let st = f.mock.state.lock();
+            assert_eq!(&st.removed[..], &[(4 << 30) + 128 * MIB, 4 << 30][..]);
+        }
+        assert_eq!(s.buddy, before.buddy);
+        assert_eq!(f.mock.state.lock().fake_offline_tries, 0);
+        assert_eq!(s.device, 256 * MIB);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn offline_only_without_unplug_online() -> Result {
+        let mut f = bbm_probe(c"vmr-kunit-bbm-no-online", bbm_config(), |s| {
+            s.unplug_online = false
+        })?;
+        f.grow_online(256 * MIB)?;
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(s.device, 256 * MIB);
+        assert_eq!(s.unplugs, 0);
+        assert_eq!(f.mock.state.lock().fake_offline_tries, 0);
+        assert!(s.last_delay.is_some_and(|d| d > 0));
+        Ok(())
+    }
+
+    #[test]
+    fn failed_fake_offline_hands_every_page_back() -> Result {
+        // 256 MiB big blocks of two memory blocks: the first is taken, the second is busy.
+        let mut f = bbm_probe(c"vmr-kunit-bbm-rollback", qemu_config(), |s| {
+            s.mode_params.force_bbm = true;
+            s.mode_params.bbm_block_size = 256 * MIB;
+        })?;
+        let before = f.grow_online(256 * MIB)?;
+        f.with(|s| {
+            s.fail_fake_offline_after = 1;
+            s.fail_fake_offline = 1000;
+        });
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(f.mock.state.lock().fake_offline_tries, 2);
+        assert_eq!(s.unplugs, 0);
+        assert_eq!(s.removed, 0);
+        assert_eq!(s.buddy, before.buddy);
+        assert_eq!(s.fake_offline, 0);
+        assert_eq!(bb_state(&f, 0), Some(BbState::Added));
+        assert!(s.last_delay.is_some_and(|d| d > 0));
+        assert!(!s.broken);
+        // Free again: unplugged and removed.
+        f.with(|s| s.fail_fake_offline = 0);
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.device, 0);
+        assert_eq!(s.removed, 1);
+        assert_eq!(s.violations, 0);
+        assert_eq!(s.invalid, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn failed_removal_hands_every_page_back() -> Result {
+        let mut f = bbm_probe(c"vmr-kunit-bbm-remove-fail", bbm_config(), |_| {})?;
+        let before = f.grow_online(128 * MIB)?;
+        f.with(|s| s.fail_remove = 1);
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.buddy, before.buddy);
+        assert_eq!(s.fake_offline, 0);
+        assert_eq!(bb_state(&f, 0), Some(BbState::Added));
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.device, 0);
+        assert_eq!(s.removed, 1);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn guest_without_spare_memory_keeps_the_big_block() -> Result {
+        let mut f = bbm_probe(c"vmr-kunit-bbm-pressure", bbm_config(), |_| {})?;
+        let before = f.grow_online(128 * MIB)?;
+        // Less to spare than one big block: not a page is taken.
+        f.with(|s| s.available = 64 * MIB);
+        f.resize(0);
+        let s = f.snap();
+        assert_eq!(f.mock.state.lock().fake_offline_tries, 0);
+        assert_eq!(s.buddy, before.buddy);
+        assert!(f.vm.waiting_for_guest().is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn add_failure_unplugs_the_big_block_again() -> Result {
+        let f = bbm_probe(c"vmr-kunit-bbm-add-fail", bbm_config(), |s| s.fail_add = 1)?;
+        f.resize(128 * MIB);
+        let s = f.snap();
+        assert_eq!((s.plugs, s.unplugs, s.device, s.driver), (1, 1, 0, 0));
+        assert_eq!(bb_state(&f, 0), Some(BbState::Unused));
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.added, 1);
+        assert_eq!(s.invalid, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn big_block_left_plugged_is_unplugged_first() -> Result {
+        let f = bbm_probe(c"vmr-kunit-bbm-pending", bbm_config(), |s| s.fail_add = 1)?;
+        // PLUG ACKed, adding fails, the undo is answered BUSY.
+        f.script(&[Answer::Model, answer(BUSY)])?;
+        f.resize(128 * MIB);
+        assert_eq!(bb_state(&f, 0), Some(BbState::Plugged));
+        assert_eq!(f.snap().device, 128 * MIB);
+        f.vm.run();
+        let s = f.snap();
+        // Unplugged again, then plugged and added anew.
+        assert_eq!(s.unplugs, 2);
+        assert_eq!(s.device, 128 * MIB);
+        assert_eq!(s.added, 1);
+        assert_eq!(bb_state(&f, 0), Some(BbState::Added));
+        assert_eq!(s.invalid, 0);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn big_block_of_more_than_65535_blocks_is_split() -> Result {
+        // 4 KiB device blocks, 512 MiB big blocks: 131072 blocks each.
+        let cfg = RawConfig {
+            block_size: 4096,
+            ..qemu_config()
+        };
+        let f = bbm_probe(c"vmr-kunit-bbm-split", cfg, |s| {
+            s.mode_params.force_bbm = true;
+            s.mode_params.bbm_block_size = 512 * MIB;
+        })?;
+        f.resize(512 * MIB);
+        let s = f.snap();
+        assert_eq!(s.plugs, 3);
+        assert_eq!(s.device, 512 * MIB);
+        assert_eq!(s.driver, 512 * MIB);
+        {
+            let st = f.mock.state.lock();
+            let nbs = [
+                st.requests[0].nb_blocks,
+                st.requests[1].nb_blocks,
+                st.requests[2].nb_blocks,
+            ];
+            assert_eq!(nbs, [u16::MAX, u16::MAX, 2]);
+            assert_eq!(st.requests[1].addr, (4 << 30) + 65535 * 4096);
+        }
+        // A plug stopped half way, and its undo too: the part left plugged is unplugged
+        // first next round, no more and no less.
+        f.script(&[Answer::Model, answer(BUSY), answer(BUSY)])?;
+        f.resize(1 << 30);
+        let s = f.snap();
+        assert_eq!(s.device, 512 * MIB + 65535 * 4096);
+        assert_eq!(bb_state(&f, 1), Some(BbState::Plugged));
+        f.vm.run();
+        let s = f.snap();
+        assert_eq!(s.device, 1 << 30);
+        assert_eq!(s.driver, 1 << 30);
+        assert_eq!(s.added, 2);
+        assert_eq!(s.invalid, 0);
+        assert_eq!(s.violations, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn onlining_is_refused_outside_added_big_blocks() -> Result {
+        let mut f = bbm_probe(c"vmr-kunit-bbm-notifier", bbm_config(), |_| {})?;
+        f.grow_online(128 * MIB)?;
+        let ev = |e, addr| f.vm.memory_event(e, addr, MEMORY_BLOCK, false);
+        // Not added by this driver.
+        assert_eq!(
+            ev(MemEvent::GoingOnline, (4 << 30) + 128 * MIB),
+            NotifyAnswer::Bad
+        );
+        // Not a memory block (half of one), or outside the region.
+        assert_eq!(
+            f.vm.memory_event(MemEvent::GoingOnline, 4 << 30, MEMORY_BLOCK / 2, false),
+            NotifyAnswer::Bad
+        );
+        assert_eq!(
+            ev(MemEvent::GoingOnline, (4 << 30) + (1 << 30)),
+            NotifyAnswer::Bad
+        );
+        // The added one goes offline and online again as the user likes.
+        assert_eq!(ev(MemEvent::GoingOffline, 4 << 30), NotifyAnswer::Ok);
+        assert_eq!(ev(MemEvent::Offline, 4 << 30), NotifyAnswer::Ok);
+        assert_eq!(ev(MemEvent::GoingOnline, 4 << 30), NotifyAnswer::Ok);
+        assert_eq!(ev(MemEvent::CancelOnline, 4 << 30), NotifyAnswer::Ok);
+        // Once unbound, nothing changes any more.
+        f.vm.remove();
+        assert_eq!(ev(MemEvent::GoingOnline, 4 << 30), NotifyAnswer::Bad);
         Ok(())
     }
 }

@@ -65,7 +65,7 @@
 //! A failing case is kept in `proptest-regressions/` and replayed first by every later
 //! run; every run prints its seed (`VMR_HOST_SEED=<hex>` replays the whole run).
 
-use crate::config::{Geometry, Limits, RawConfig};
+use crate::config::{Geometry, Limits, ModeParams, RawConfig};
 use crate::device::{MemEvent, NotifyAnswer, PmEvent, View, VirtioMem};
 use crate::headroom::MemInfo;
 use crate::pages::{self, Move, Page};
@@ -1202,7 +1202,7 @@ impl World {
         let bits: usize = (0..self.blocks.len())
             .map(|mb| {
                 (0..sbs)
-                    .filter(|&s| d.sbm.plugged(mb, s, 1) == Plugged::All)
+                    .filter(|&s| d.sbm.unwrap().plugged(mb, s, 1) == Plugged::All)
                     .count()
             })
             .sum();
@@ -1218,7 +1218,8 @@ impl World {
             );
         }
         if d.unplug_all_required {
-            if d.plugged != 0 || (0..self.blocks.len()).any(|mb| d.sbm.state(mb) != MbState::Unused)
+            if d.plugged != 0
+                || (0..self.blocks.len()).any(|mb| d.sbm.unwrap().state(mb) != MbState::Unused)
             {
                 fail!(self, "{when}: bookkeeping changed before UNPLUG_ALL");
             }
@@ -1241,7 +1242,7 @@ impl World {
             for s in 0..sbs {
                 let (a, b) = self.dev.covering(self.geo.sb_addr(mb, s), sb);
                 let c = self.dev.plugged.count(a, b);
-                let marked = d.sbm.plugged(mb, s, 1) == Plugged::All;
+                let marked = d.sbm.unwrap().plugged(mb, s, 1) == Plugged::All;
                 if !self.lost {
                     if c != 0 && c != bpsb {
                         fail!(
@@ -1277,7 +1278,7 @@ impl World {
                 (true, Some(true)) if full => MbState::Movable,
                 (true, Some(true)) => MbState::MovablePartial,
             };
-            let state = d.sbm.state(mb);
+            let state = d.sbm.unwrap().state(mb);
             if state != want {
                 fail!(
                     self,
@@ -1287,11 +1288,11 @@ impl World {
                 );
             }
             let pending = matches!(self.pending, Some(Pending::Online { mb: m, .. } | Pending::Offline { mb: m }) if m == mb);
-            if d.sbm.in_transition(mb) != pending {
+            if d.sbm.unwrap().in_transition(mb) != pending {
                 fail!(
                     self,
                     "{when}: block {mb} in transition {}, model {pending}",
-                    d.sbm.in_transition(mb)
+                    d.sbm.unwrap().in_transition(mb)
                 );
             }
             // Pages.
@@ -1302,7 +1303,7 @@ impl World {
             for i in mb * self.ppm..(mb + 1) * self.ppm {
                 let p = self.pages[i];
                 let s = (i % self.ppm) / pps;
-                let marked = d.sbm.plugged(mb, s, 1) == Plugged::All;
+                let marked = d.sbm.unwrap().plugged(mb, s, 1) == Plugged::All;
                 if self.pinned[i] && p != Page::Buddy {
                     fail!(
                         self,
@@ -1385,7 +1386,7 @@ impl Sim {
     }
 
     fn state(&self, mb: usize) -> MbState {
-        self.view(|d| d.sbm.state(mb))
+        self.view(|d| d.sbm.unwrap().state(mb))
     }
 
     fn plugged(&self) -> u64 {
@@ -1639,7 +1640,7 @@ impl Sim {
             }
             (mb, w.byte(), online, at_unbind)
         };
-        let marked = self.view(|d| d.sbm.plugged(mb, 0, d.sbm.sbs_per_mb()));
+        let marked = self.view(|d| d.sbm.unwrap().plugged(mb, 0, d.sbm.unwrap().sbs_per_mb()));
         if marked != Plugged::None && !at_unbind {
             fail!(self.w(), "block {mb} removed with subblocks marked plugged");
         }
@@ -2067,11 +2068,11 @@ impl Sim {
                 let partial = (0..nr).find(|&mb| {
                     w.blocks[mb].added
                         && (0..w.sbs).any(|sb| {
-                            d.sbm.plugged(mb, sb, 1) != Plugged::All
+                            d.sbm.unwrap().plugged(mb, sb, 1) != Plugged::All
                                 && w.geo.sb_addr(mb, sb) + w.sb_size() <= usable_end
                         })
                 });
-                let room = (0..usable_mbs).any(|mb| d.sbm.state(mb) == MbState::Unused);
+                let room = (0..usable_mbs).any(|mb| d.sbm.unwrap().state(mb) == MbState::Unused);
                 let offline = (0..nr)
                     .filter(|&mb| w.blocks[mb].added && w.blocks[mb].online.is_none())
                     .count();
@@ -2098,7 +2099,7 @@ impl Sim {
                 w.stats.converged_exact += 1;
             }
             // Nothing emptied stays added.
-            if let Some(mb) = (0..w.blocks.len()).find(|&mb| d.sbm.is_empty_added(mb)) {
+            if let Some(mb) = (0..w.blocks.len()).find(|&mb| d.sbm.unwrap().is_empty_added(mb)) {
                 fail!(w, "block {mb} stays added with nothing plugged");
             }
         });
@@ -2130,11 +2131,11 @@ impl Sim {
                 let unknown = w.unknown.iter().any(|&(s, e, really)| {
                     really && s < start + size && start < e
                 });
-                if d.sbm.state(mb) != MbState::Offline || unknown {
+                if d.sbm.unwrap().state(mb) != MbState::Offline || unknown {
                     fail!(
                         w,
                         "block {mb} stays added and offline after unbind while {:?} (state unknown: {unknown})",
-                        d.sbm.state(mb)
+                        d.sbm.unwrap().state(mb)
                     );
                 }
             }
@@ -2189,6 +2190,10 @@ impl Platform for HostPlatform {
 
     fn mm_limits(&self) -> Limits {
         self.0.w().limits
+    }
+
+    fn mode_params(&self) -> ModeParams {
+        ModeParams::default()
     }
 
     fn node(&self, _node_id: u16, _addr: u64) -> i32 {
@@ -2387,7 +2392,8 @@ fn probe_unstarted(case: &Case, faults: Faults) -> Sim {
 
     // The harness's own view of the geometry, for addresses (config.rs is tested on its own).
     let raw = dev.config();
-    let geo = Geometry::new(&raw, &limits).expect("the case's geometry is valid");
+    let geo =
+        Geometry::new(&raw, &limits, &ModeParams::default()).expect("the case's geometry is valid");
     assert_eq!(geo.nr_mbs, case.nr_mbs as u64);
     let nr_mbs = geo.nr_mbs as usize;
     let sbs = geo.sbs_per_mb() as usize;
@@ -2786,7 +2792,7 @@ fn cancel_offline_without_going_offline_takes_references_twice() {
     });
     assert_eq!(w.w().stats.refused_notifier, 1);
     assert_eq!(w.state(0), MbState::KernelPartial);
-    assert!(!w.view(|d| d.sbm.in_transition(0)));
+    assert!(!w.view(|d| d.sbm.unwrap().in_transition(0)));
 }
 
 /// Regression test (fixed in 64328f7): `add_memory` fails and the undo UNPLUG, split
@@ -2804,8 +2810,8 @@ fn partly_undone_add_keeps_unplugged_subblocks_marked() {
     w.wake(vec![0, 0, 0, 215, 0, 0, 200]);
     assert_eq!(w.w().stats.add_undo_incomplete, 1);
     assert_eq!(w.state(0), MbState::Plugged);
-    assert_eq!(w.view(|d| d.sbm.plugged(0, 0, 1)), Plugged::None);
-    assert_eq!(w.view(|d| d.sbm.plugged(0, 1, 1)), Plugged::All);
+    assert_eq!(w.view(|d| d.sbm.unwrap().plugged(0, 0, 1)), Plugged::None);
+    assert_eq!(w.view(|d| d.sbm.unwrap().plugged(0, 1, 1)), Plugged::All);
     assert_eq!(w.plugged(), MB / 2);
 }
 
@@ -2895,7 +2901,7 @@ fn onlining_after_a_lost_unplug_hands_unplugged_memory_to_the_buddy() {
     });
     assert_eq!(w.w().blocks[0].online, None);
     assert_eq!(w.state(0), MbState::Offline);
-    assert!(!w.view(|d| d.sbm.in_transition(0)));
+    assert!(!w.view(|d| d.sbm.unwrap().in_transition(0)));
 }
 
 /// Regression test (not a safety bug): in an online block, a BUSY device did not end the

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 
-use crate::config::{Geometry, Limits, RawConfig, Sizes};
+use crate::config::{Geometry, Limits, ModeParams, RawConfig, Sizes};
 use crate::headroom::{MemInfo, Say, Stall, DROP_SLAB_MIN, MARGIN_SHIFT, MIN_MARGIN};
 use crate::protocol::{
     encode_request, split_run, BadResponse, BlockState, RequestType, Response, StateAnswer,
@@ -38,7 +38,7 @@ fn qemu() -> RawConfig {
 }
 
 fn refused(raw: RawConfig, field: &str) {
-    let e = Geometry::new(&raw, &limits())
+    let e = Geometry::new(&raw, &limits(), &ModeParams::default())
         .and_then(|g| Sizes::new(&raw, &g))
         .expect_err("accepted a bad config");
     assert_eq!(e.field, field, "{e:?}");
@@ -70,11 +70,12 @@ fn hostile_configs_are_refused_naming_the_field() {
     );
     refused(
         RawConfig {
-            block_size: GIB,
+            block_size: 16 * GIB,
+            addr: 16 * GIB,
             ..qemu()
         },
-        "block_size",
-    ); // needs Big Block Mode
+        "region_size",
+    ); // a device block larger than the region
     refused(
         RawConfig {
             block_size: 16,
@@ -140,7 +141,7 @@ fn hostile_configs_are_refused_naming_the_field() {
         },
         "region_size",
     ); // no whole memory block
-    assert!(Geometry::new(&qemu(), &limits()).is_ok());
+    assert!(Geometry::new(&qemu(), &limits(), &ModeParams::default()).is_ok());
 }
 
 /// The memory block of a range the online page callback hands over: only a range inside
@@ -149,7 +150,7 @@ fn hostile_configs_are_refused_naming_the_field() {
 /// `make mutants-host` before this test.)
 #[test]
 fn memory_block_of_a_range_is_one_of_the_region() {
-    let geo = Geometry::new(&qemu(), &limits()).unwrap();
+    let geo = Geometry::new(&qemu(), &limits(), &ModeParams::default()).unwrap();
     let mb = 128 * MIB;
     let first = 4 * GIB;
     assert_eq!(geo.mb_of(first, mb), Some(0));
@@ -169,7 +170,7 @@ fn memory_block_of_a_range_is_one_of_the_region() {
 /// region ends in. (Mutants of these checks survived `make mutants-host` before this test.)
 #[test]
 fn exact_blocks_and_the_usable_tail() {
-    let geo = Geometry::new(&qemu(), &limits()).unwrap();
+    let geo = Geometry::new(&qemu(), &limits(), &ModeParams::default()).unwrap();
     let (mb, first) = (128 * MIB, 4 * GIB);
     assert_eq!(geo.mb_exactly(first + mb, mb), Some(1));
     // Aligned but not a whole block, or a whole block's size but not aligned.
@@ -187,7 +188,7 @@ fn exact_blocks_and_the_usable_tail() {
         usable_region_size: 8 * GIB + 64 * MIB,
         ..qemu()
     };
-    let geo = Geometry::new(&raw, &limits()).unwrap();
+    let geo = Geometry::new(&raw, &limits(), &ModeParams::default()).unwrap();
     assert_eq!(geo.usable_tail(8 * GIB + 64 * MIB), 0);
 }
 
@@ -220,7 +221,7 @@ fn pending_block_stays_pending_until_empty() {
 
 #[test]
 fn runtime_changes_of_fixed_fields_are_refused() {
-    let geo = Geometry::new(&qemu(), &limits()).unwrap();
+    let geo = Geometry::new(&qemu(), &limits(), &ModeParams::default()).unwrap();
     assert_eq!(
         Sizes::new(
             &RawConfig {
@@ -489,7 +490,7 @@ proptest! {
             addr, region_size: region, usable_region_size: usable,
             plugged_size: plugged, requested_size: requested, node_id: 0,
         };
-        if let Ok(g) = Geometry::new(&raw, &limits()) {
+        if let Ok(g) = Geometry::new(&raw, &limits(), &ModeParams::default()) {
             prop_assert!(g.device_block_size.is_power_of_two());
             prop_assert!(g.device_block_size <= g.subblock_size && g.subblock_size < g.memory_block_size);
             prop_assert!(g.nr_mbs >= 1);

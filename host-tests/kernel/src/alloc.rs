@@ -35,6 +35,39 @@ pub mod allocator {
     pub struct KVmalloc;
 }
 
+/// `kernel::alloc::kbox::Box`: an owned value on the heap.
+pub struct Box<T, A>(std::boxed::Box<T>, PhantomData<A>);
+
+/// `kernel::alloc::KBox`.
+pub type KBox<T> = Box<T, allocator::Kmalloc>;
+
+impl<T, A> Deref for Box<T, A> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T, A> crate::init::InPlaceInit<T> for Box<T, A> {
+    type PinnedSelf = core::pin::Pin<Self>;
+
+    fn try_pin_init<E>(
+        init: impl pinned_init::PinInit<T, E>,
+        _flags: Flags,
+    ) -> Result<Self::PinnedSelf, E>
+    where
+        E: From<AllocError>,
+    {
+        let mut this: std::boxed::Box<core::mem::MaybeUninit<T>> = std::boxed::Box::new_uninit();
+        // SAFETY: the slot is valid for writes and never moves: the box is pinned below and
+        // never handed out unpinned. A failed initialiser leaves nothing to drop.
+        unsafe { init.__pinned_init(this.as_mut_ptr())? };
+        // SAFETY: initialised just above; the value stays in its box from now on.
+        Ok(unsafe { core::pin::Pin::new_unchecked(Box(this.assume_init(), PhantomData)) })
+    }
+}
+
 /// `kernel::alloc::kvec::Vec`: a vector that allocates fallibly with the given allocator.
 pub struct Vec<T, A>(std::vec::Vec<T>, PhantomData<A>);
 

@@ -43,7 +43,7 @@ pub mod faux {
 
 /// `kernel::prelude`.
 pub mod prelude {
-    pub use crate::alloc::{flags::*, Flags, KVVec, KVec, Vec};
+    pub use crate::alloc::{flags::*, Flags, KBox, KVVec, KVec, Vec};
     pub use crate::error::{code::*, Error, Result};
     pub use crate::init::InPlaceInit;
     pub use crate::{dev_dbg, dev_err, dev_info, dev_warn, pr_err, pr_info, try_pin_init};

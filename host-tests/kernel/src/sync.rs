@@ -59,8 +59,8 @@ impl<T> InPlaceInit<T> for Arc<T> {
 /// `kernel::sync::Mutex`.
 pub struct Mutex<T>(std::sync::Mutex<T>);
 
-/// `kernel::sync::MutexGuard`.
-pub struct MutexGuard<'a, T>(std::sync::MutexGuard<'a, T>);
+/// `kernel::sync::MutexGuard`: the guard and the mutex it locks.
+pub struct MutexGuard<'a, T>(std::sync::MutexGuard<'a, T>, &'a Mutex<T>);
 
 impl<T> Mutex<T> {
     /// `Mutex::new`, as `new_mutex!` calls it.
@@ -70,12 +70,19 @@ impl<T> Mutex<T> {
 
     /// `Mutex::lock`.
     pub fn lock(&self) -> MutexGuard<'_, T> {
-        MutexGuard(self.0.lock().unwrap_or_else(|e| e.into_inner()))
+        MutexGuard(self.0.lock().unwrap_or_else(|e| e.into_inner()), self)
     }
 
     /// `Mutex::try_lock`: `None` if someone holds it.
     pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
-        self.0.try_lock().ok().map(MutexGuard)
+        self.0.try_lock().ok().map(|g| MutexGuard(g, self))
+    }
+}
+
+impl<'a, T> MutexGuard<'a, T> {
+    /// `Guard::lock_ref`: the mutex this guard locks.
+    pub fn lock_ref(&self) -> &'a Mutex<T> {
+        self.1
     }
 }
 
