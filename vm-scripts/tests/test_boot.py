@@ -94,19 +94,6 @@ def test_grow_online_movable(boot, kernel):
     assert vm.zone_managed("Movable") == 6 * GiB
 
 
-def test_big_block_device_is_refused(boot):
-    vm = boot(block_size="1G")
-    assert vm.bound_driver() is None
-    dmesg = vm.dmesg()
-    assert "invalid device config: block_size = 0x40000000 needs Big Block Mode" in dmesg
-    base = vm.memtotal()
-    vm.set_requested("2G")
-    time.sleep(2)
-    assert vm.device()["size"] == 0
-    assert vm.memtotal() == base
-    assert not [r for r in vm.iomem() if r[3] == "System RAM (virtio_mem)"]
-
-
 def test_boot_with_memory_requested(boot):
     # The same guest without the device's memory, for MemTotal's baseline: equal up to a
     # few KiB from boot to boot (settle_zone_normal says why). Exact: ZONE_NORMAL.

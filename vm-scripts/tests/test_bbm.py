@@ -1,0 +1,114 @@
+# SPDX-License-Identifier: GPL-2.0
+"""Boot tests of Big Block Mode: devices whose blocks are a Linux memory block (128 MiB)
+or larger, and Big Block Mode forced on a 2 MiB-block device. Memory comes and goes a whole
+big block at a time; QEMU's `size`, MemTotal and /proc/iomem must follow exactly."""
+
+import re
+import time
+
+import pytest
+
+from test_boot import DRIVER, settle_memtotal, virtio_mem_ram
+from test_unplug import ram_down_to
+from vmlib import GiB, MiB, Vm
+
+
+def size_bytes(size: str) -> int:
+    return int(size[:-1]) * (GiB if size.endswith("G") else MiB)
+
+
+def probe_line(vm: Vm) -> str:
+    """The driver's probe line (mode, big block size)."""
+    m = re.search(r"virtio_mem_rust virtio\d+: address .*", vm.dmesg())
+    assert m, "no probe line in the kernel log"
+    return m.group(0)
+
+
+def follow(vm: Vm, base: int, steps, timeout: float = 180) -> None:
+    """Resizes through `steps`: each time QEMU's size exactly, MemTotal boot + size, and
+    exactly that much System RAM (virtio_mem) in /proc/iomem, inside the device's range."""
+    for size in steps:
+        want = size_bytes(size)
+        vm.set_requested(size)
+        t = vm.wait_size(size, timeout=timeout)
+        print(f"{size}: {t:.2f} s")
+        assert vm.device()["size"] == want
+        assert settle_memtotal(vm, base + want) == base + want, f"MemTotal is not boot + {size}"
+        assert ram_down_to(vm, want) == want, f"/proc/iomem does not hold {size} of device RAM"
+        if want:
+            parent, children = virtio_mem_ram(vm)
+            for c in children:
+                assert parent[1] <= c[1] and c[2] <= parent[2], f"{c} outside {parent}"
+        else:
+            assert not [r for r in vm.iomem() if r[3] == "System RAM (virtio_mem)"]
+
+
+@pytest.mark.parametrize("block_size", ["128M", "256M", "1G"])
+def test_big_blocks_follow_the_requested_size(boot, block_size):
+    """A device of 128 MiB, 256 MiB or 1 GiB blocks: Big Block Mode, big blocks of the
+    device block; 0 -> 4G -> 6G -> 2G -> 0 exact, with the memory in ZONE_MOVABLE."""
+    vm = boot(block_size=block_size, append="memhp_default_state=online_movable")
+    assert vm.bound_driver() == DRIVER
+    line = probe_line(vm)
+    assert "Big Block Mode" in line and f"big block {size_bytes(block_size):#x}" in line, line
+    base = vm.memtotal()
+    follow(vm, base, ("4G", "6G", "2G", "0G"))
+    assert vm.zone_managed("Movable") == 0
+
+
+def test_big_blocks_on_the_debug_kernel(boot):
+    """The debug kernel (lockdep, KFENCE, DEBUG_VM, panic_on_warn): 1 GiB blocks,
+    0 -> 2G -> 1G -> 0 in ZONE_MOVABLE."""
+    vm = boot("debug", block_size="1G", append="memhp_default_state=online_movable")
+    assert "Big Block Mode" in probe_line(vm)
+    follow(vm, vm.memtotal(), ("2G", "1G", "0G"))
+
+
+@pytest.mark.parametrize("kernel", ["rust", "debug"])
+def test_force_bbm(boot, kernel):
+    """force_bbm=1 on a 2 MiB-block device: big blocks of a memory block (128 MiB)."""
+    vm = boot(kernel, append="memhp_default_state=online_movable virtio_mem_rust.force_bbm=1")
+    line = probe_line(vm)
+    assert "Big Block Mode" in line and "big block 0x8000000" in line, line
+    follow(vm, vm.memtotal(), ("1G", "384M", "0G"))
+
+
+def test_bbm_block_size(boot):
+    """force_bbm=1 bbm_block_size=256M: big blocks of 256 MiB, what is asked in whole big
+    blocks (the C driver's rounding: 1G - 128M leaves 1 GiB plugged, 640M leaves 512 MiB)."""
+    vm = boot(append="memhp_default_state=online_movable virtio_mem_rust.force_bbm=1 "
+                     f"virtio_mem_rust.bbm_block_size={256 * MiB}")
+    line = probe_line(vm)
+    assert "Big Block Mode" in line and "big block 0x10000000" in line, line
+    base = vm.memtotal()
+    follow(vm, base, ("1G", "512M"))
+    vm.set_requested("384M")  # 128 MiB less: not a whole big block
+    time.sleep(3)
+    assert vm.device()["size"] == 512 * MiB
+    follow(vm, base, ("0G",))
+
+
+def test_bbm_block_size_not_a_power_of_two_is_ignored(boot):
+    vm = boot(append="memhp_default_state=online_movable virtio_mem_rust.force_bbm=1 "
+                     f"virtio_mem_rust.bbm_block_size={200 * MiB}")
+    assert re.search(r"bbm_block_size=0xc800000 ignored: not a power of two; using 0x8000000",
+                     vm.dmesg())
+    assert "big block 0x8000000" in probe_line(vm)
+    follow(vm, vm.memtotal(), ("512M", "0G"))
+
+
+def test_region_without_a_whole_big_block_is_refused(boot):
+    """Big blocks larger than the region (bbm_block_size=4G on a 2 GiB device): one clear
+    error, the driver not bound, nothing plugged. (A device block larger than its region
+    QEMU never creates: the KUnit config suite feeds that one.)"""
+    vm = boot(device_size="2G", append="virtio_mem_rust.force_bbm=1 "
+                                       f"virtio_mem_rust.bbm_block_size={4 * GiB}")
+    assert vm.bound_driver() is None
+    errors = [l for l in vm.dmesg().splitlines() if "invalid device config" in l]
+    assert len(errors) == 1 and "region_size = 0x80000000 does not hold a single big block" \
+        in errors[0], errors
+    base = vm.memtotal()
+    vm.set_requested("1G")
+    time.sleep(2)
+    assert vm.device()["size"] == 0
+    assert vm.memtotal() == base
