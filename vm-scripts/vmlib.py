@@ -185,7 +185,10 @@ class Vm:
             cmd += ["-serial", "mon:stdio"]
         else:
             cmd += [
-                "-chardev", f"socket,id=ser0,path={self.dir}/serial.sock,server=on,wait=off,"
+                # wait=on: QEMU starts the guest only once start() is connected, so no
+                # console output can be lost (with wait=off, what the guest writes before
+                # QEMU accepts the connection goes only to the log).
+                "-chardev", f"socket,id=ser0,path={self.dir}/serial.sock,server=on,wait=on,"
                             f"logfile={self.dir}/console.log",
                 "-serial", "chardev:ser0",
                 "-qmp", f"unix:{self.dir}/qmp.sock,server=on,wait=off",
@@ -197,14 +200,20 @@ class Vm:
         self.proc = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
                                      stdout=open(self.dir / "qemu.log", "wb"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
-        while not (self.dir / "qmp.sock").exists() or not (self.dir / "serial.sock").exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise GuestError(f"QEMU did not start: {(self.dir / 'qemu.log').read_text()}")
-            time.sleep(0.05)
-        self.qmp = QEMUMonitorProtocol(str(self.dir / "qmp.sock"))
-        self.qmp.connect()
+
+        def wait_for(sock: Path) -> None:
+            while not sock.exists():
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise GuestError(f"QEMU did not start: {(self.dir / 'qemu.log').read_text()}")
+                time.sleep(0.05)
+
+        # The serial console first: QEMU waits for it (wait=on) before it goes on to QMP.
+        wait_for(self.dir / "serial.sock")
         self.ser = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.ser.connect(str(self.dir / "serial.sock"))
+        wait_for(self.dir / "qmp.sock")
+        self.qmp = QEMUMonitorProtocol(str(self.dir / "qmp.sock"))
+        self.qmp.connect()
         self.wait_ready(timeout / self.slowdown)
         return self
 
