@@ -490,7 +490,8 @@ int vmr_glue_fake_offline(unsigned long pfn, unsigned long nr_pages)
 
 /*
  * Says in the log what keeps [pfn, pfn + nr_pages) from being freed: the first page that
- * is in use, not on an LRU list (movable) and not ours, with dump_page() for details.
+ * is in use and not ours, and either not on an LRU list (not movable) or held there by a
+ * pin or references beyond its mappings, with dump_page() for details.
  */
 void vmr_glue_explain_busy(struct vmr_glue *glue, unsigned long pfn, unsigned long nr_pages)
 {
@@ -512,6 +513,13 @@ void vmr_glue_explain_busy(struct vmr_glue *glue, unsigned long pfn, unsigned lo
 			kind = "a slab page";
 		else if (folio_test_large_kmalloc(folio))
 			kind = "a large kmalloc";
+		else if (folio_test_lru(folio) && folio_maybe_dma_pinned(folio))
+			kind = "a pinned user page";
+		/* An anonymous page holds a reference per mapping (and the swap cache's). */
+		else if (folio_test_lru(folio) && folio_test_anon(folio) &&
+			 folio_ref_count(folio) > folio_mapcount(folio) +
+			 (folio_test_swapcache(folio) ? folio_nr_pages(folio) : 0))
+			kind = "a user page with extra references (spliced into a pipe, I/O in flight)";
 		else if (folio_test_lru(folio) || !folio_ref_count(folio))
 			continue;
 		else if (PageTable(page))

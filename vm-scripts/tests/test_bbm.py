@@ -112,3 +112,103 @@ def test_region_without_a_whole_big_block_is_refused(boot):
     time.sleep(2)
     assert vm.device()["size"] == 0
     assert vm.memtotal() == base
+
+
+def wait_rounds(vm: Vm, rounds: int, timeout: float = 90) -> str:
+    """The kernel log once the driver has said it is still short after `rounds` tries."""
+    deadline = time.monotonic() + timeout * vm.slowdown
+    while True:
+        dmesg = vm.dmesg()
+        tries = [int(n) for n in re.findall(r"plugged of requested 0x\w+ after (\d+) tries", dmesg)]
+        if max(tries, default=0) >= rounds or time.monotonic() > deadline:
+            return dmesg
+        time.sleep(1)
+
+
+def test_shrink_to_zero_idle_default_policy(boot):
+    """Default policy (the device's memory is the guest's only ZONE_NORMAL), 128 MiB
+    blocks, nothing running: 4G -> 0. An unmovable kernel page (a slab page, seen) can land
+    in a big block while it grows and keeps the whole block: at most one is left, the log
+    names what holds it, and the driver keeps retrying. Nothing else changes."""
+    vm = boot(block_size="128M")
+    base = vm.memtotal()
+    follow(vm, base, ("4G",))
+    vm.set_requested("0")
+    try:
+        vm.wait_size(0, timeout=60)
+    except Exception:
+        pass
+    left = vm.device()["size"]
+    print(f"left after 60 s: {left // MiB} MiB")
+    assert left <= 128 * MiB, f"{left // MiB} MiB left: more than one big block"
+    assert settle_memtotal(vm, base + left) == base + left
+    if left:
+        dmesg = wait_rounds(vm, 2)
+        assert "holds the memory:" in dmesg
+        assert re.search(r"still 0x8000000 plugged of requested 0x0 after \d+ tries", dmesg)
+    assert "alive" in vm.run("echo alive")
+
+
+def hold_and_shrink(vm: Vm, base: int) -> int:
+    """2G plugged; a process holds 64 MiB of its memory with extra references (vmsplice:
+    no migration can move those pages); shrink to 0. Returns what is left plugged once the
+    driver has retried twice: the big blocks it could not empty. The process lives on."""
+    follow(vm, base, ("2G",))
+    vm.run("vmr-fill -p 64 > /tmp/hold.log &")
+    deadline = time.monotonic() + 30
+    while "holding 64 MiB" not in vm.run("cat /tmp/hold.log"):
+        assert time.monotonic() < deadline, "vmr-fill -p did not start"
+        time.sleep(0.5)
+    vm.set_requested("0")
+    dmesg = wait_rounds(vm, 2)
+    held = vm.device()["size"]
+    print(f"held: {held // MiB} MiB")
+    assert held in (GiB, 2 * GiB), f"{held // MiB} MiB plugged"
+    assert re.search(r"still 0x\w+ plugged of requested 0x0 after \d+ tries", dmesg)
+    assert "holds the memory:" in dmesg
+    assert settle_memtotal(vm, base + held) == base + held
+    assert vm.run("pidof vmr-fill").strip(), "the holding process died"
+    vm.run("kill $(pidof vmr-fill)")
+    return held
+
+
+def test_held_pages_keep_their_big_block_movable(boot):
+    """1 GiB blocks in ZONE_MOVABLE, where nothing but the process can hold a page: its
+    big block stays, the log names the holder (a user page with extra references), the
+    driver retries; once the process is gone that block goes too, to exactly 0."""
+    vm = boot(block_size="1G", append="memhp_default_state=online_movable")
+    base = vm.memtotal()
+    hold_and_shrink(vm, base)
+    assert "holds the memory: a user page with extra references" in vm.dmesg()
+    follow(vm, base, ("0G",), timeout=90)
+
+
+def test_held_pages_keep_their_big_block_default_policy(boot):
+    """The same with the default policy (the device's memory is the guest's only
+    ZONE_NORMAL: kernel pages can hold a big block too, and the log names the first holder
+    it finds, a page table seen). Once the process is gone, at most one big block is left,
+    as on an idle guest."""
+    vm = boot(block_size="1G")
+    base = vm.memtotal()
+    held = hold_and_shrink(vm, base)
+    try:
+        vm.wait_size(0, timeout=30)
+    except Exception:
+        pass
+    left = vm.device()["size"]
+    print(f"left once the process is gone: {left // MiB} MiB")
+    assert left <= min(held, GiB), f"{left // MiB} MiB left"
+    assert settle_memtotal(vm, base + left) == base + left
+
+
+def test_shrink_movable_keeps_data(boot):
+    """1 GiB blocks in ZONE_MOVABLE, 2 GiB of pseudo-random data in tmpfs (vmr-fill),
+    6G -> 2G: four big blocks go, their data is migrated, and every byte stays as
+    written."""
+    vm = boot(block_size="1G", append="memhp_default_state=online_movable")
+    base = vm.memtotal()
+    follow(vm, base, ("6G",))
+    vm.run("mount -o remount,size=3G /tmp")  # sized at boot, from 1 GiB of RAM
+    vm.run("vmr-fill 7 2048 > /tmp/data", timeout=600)
+    follow(vm, base, ("2G",), timeout=300)
+    assert "vmr-fill: ok" in vm.run("vmr-fill -c 7 2048 < /tmp/data", timeout=600)
