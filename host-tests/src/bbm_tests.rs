@@ -389,3 +389,182 @@ mod mode {
         assert_eq!(c.ignored, Some(BbmSizeIgnored::NotPowerOfTwo));
     }
 }
+
+/// The Big Block Mode worker (`drivers/device_bbm.rs`) on the KUnit suites' mock device
+/// (`kunit/mock.rs`: QEMU's rules and core mm's page rules), under random resizes, onlining
+/// and faults of the device and of core mm.
+mod worker {
+    use super::*;
+    use crate::device::{MemEvent, NotifyAnswer, VirtioMem};
+    use crate::mock::{
+        new_mock, qemu_config, Answer, Chunk, MockPlatform, Shared, BUSY, CHUNK, NACK, PAGE,
+    };
+    use kernel::{device::Device, faux, sync::aref::ARef, sync::Arc};
+
+    /// Cases the property's body ran.
+    static CASES: AtomicU64 = AtomicU64::new(0);
+
+    const MIB: u64 = 1 << 20;
+    /// 2 MiB device blocks in big blocks of 256 MiB (two memory blocks): a 1 GiB region of
+    /// four big blocks.
+    const BB: u64 = 256 * MIB;
+    const MB: u64 = 128 * MIB;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// The operator asks for this many 64 MiB (not always whole big blocks).
+        Resize(u64),
+        /// Core mm onlines what was added, in ZONE_MOVABLE or not.
+        Online(bool),
+        /// The worker runs (its timer, or a config change).
+        Run,
+        /// The device answers the next request BUSY or NACK.
+        Answer(bool),
+        /// The next addition, removal, or `n` fake-offline tries fail.
+        FailAdd,
+        FailRemove,
+        FailFakeOffline(u32),
+        /// What the guest has available, in MiB.
+        Available(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..=16u64).prop_map(Op::Resize),
+            2 => any::<bool>().prop_map(Op::Online),
+            3 => Just(Op::Run),
+            1 => any::<bool>().prop_map(Op::Answer),
+            1 => Just(Op::FailAdd),
+            1 => Just(Op::FailRemove),
+            1 => (1..8u32).prop_map(Op::FailFakeOffline),
+            1 => prop_oneof![Just(64u64), Just(2048u64), Just(16384u64)].prop_map(Op::Available),
+        ]
+    }
+
+    struct Fixture {
+        vm: Arc<VirtioMem<MockPlatform>>,
+        mock: Arc<Shared>,
+        _reg: faux::Registration,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let (platform, transport) = new_mock(qemu_config()).unwrap();
+            let mock = platform.0.clone();
+            {
+                let mut s = mock.state.lock();
+                s.removes_plugged = true;
+                s.mode_params.force_bbm = true;
+                s.mode_params.bbm_block_size = BB;
+            }
+            let reg = faux::Registration::new(c"vmr-host-bbm", None).unwrap();
+            let dev: ARef<Device> = reg.as_ref().into();
+            let vm = VirtioMem::new(platform, transport, dev).unwrap();
+            vm.start().unwrap();
+            Self {
+                vm,
+                mock,
+                _reg: reg,
+            }
+        }
+
+        /// Onlines every memory block that is added and offline, as auto-onlining does.
+        fn online(&mut self, movable: bool) {
+            let (base, chunks_per_mb) = (qemu_config().addr, (MB / CHUNK) as usize);
+            for i in 0..(qemu_config().region_size / MB) as usize {
+                if self.mock.state.lock().chunks[i * chunks_per_mb] != Chunk::Offline {
+                    continue;
+                }
+                let addr = base + i as u64 * MB;
+                let ev = |e| self.vm.memory_event(e, addr, MB, movable);
+                if ev(MemEvent::GoingOnline) != NotifyAnswer::Ok {
+                    continue;
+                }
+                for off in (0..MB).step_by((PAGE << 10) as usize) {
+                    self.vm.online_pages((addr + off) / PAGE, 10);
+                }
+                ev(MemEvent::Online);
+            }
+        }
+    }
+
+    #[test]
+    fn bbm_worker_keeps_its_invariants() {
+        counted(
+            "bbm_worker_keeps_its_invariants",
+            &CASES,
+            bbm_worker_keeps_its_invariants_prop,
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::scaled(3000)))]
+
+        /// After every step: the device never saw an invalid request, core mm's rules were
+        /// never broken, the driver counts what the device has plugged, no page stays
+        /// fake-offline between rounds (a failed unplug hands every page back), nothing is
+        /// plugged beyond the usable region, only whole big blocks are plugged, and the
+        /// device is never given up. In the end, without faults, the driver is less than a
+        /// big block from the requested size (as the C driver, it plugs and unplugs only
+        /// while a whole big block is missing or too much).
+        fn bbm_worker_keeps_its_invariants_prop(ops in prop::collection::vec(op(), 1..40)) {
+            CASES.fetch_add(1, Ordering::Relaxed);
+            let mut f = Fixture::new();
+            let mut requested = 0;
+            for op in ops {
+                match op {
+                    Op::Resize(n) => {
+                        requested = n * 64 * MIB;
+                        f.mock.state.lock().cfg.requested_size = requested;
+                        f.vm.config_changed();
+                        f.vm.run();
+                    }
+                    Op::Online(movable) => f.online(movable),
+                    Op::Run => f.vm.run(),
+                    Op::Answer(busy) => {
+                        let ty = if busy { BUSY } else { NACK };
+                        f.mock
+                            .state
+                            .lock()
+                            .script
+                            .push(Answer::Raw { ty, used_len: 10 }, kernel::alloc::flags::GFP_KERNEL)
+                            .unwrap();
+                    }
+                    Op::FailAdd => f.mock.state.lock().fail_add = 1,
+                    Op::FailRemove => f.mock.state.lock().fail_remove = 1,
+                    Op::FailFakeOffline(n) => f.mock.state.lock().fail_fake_offline = n,
+                    Op::Available(mib) => f.mock.state.lock().available = mib * MIB,
+                }
+                let (driver, broken) = f.vm.status();
+                let s = f.mock.state.lock();
+                prop_assert!(!broken);
+                prop_assert_eq!(s.invalid_requests, 0);
+                prop_assert_eq!(s.violations, 0);
+                prop_assert_eq!(driver, s.device_plugged());
+                prop_assert_eq!(driver % BB, 0, "not whole big blocks: {:#x}", driver);
+                prop_assert_eq!(s.fake_offline(), 0);
+                prop_assert!(driver <= s.cfg.usable_region_size);
+            }
+            // No more faults: the requested size, rounded down to whole big blocks.
+            {
+                let mut s = f.mock.state.lock();
+                s.script = kernel::alloc::KVec::new();
+                s.fail_add = 0;
+                s.fail_remove = 0;
+                s.fail_fake_offline = 0;
+                s.available = 16 << 30;
+            }
+            f.online(false);
+            for _ in 0..3 {
+                f.vm.config_changed();
+                f.vm.run();
+                f.online(false);
+            }
+            let (driver, _) = f.vm.status();
+            let plugged = f.mock.state.lock().device_plugged();
+            prop_assert_eq!(plugged, driver);
+            prop_assert!(driver.abs_diff(requested) < BB,
+                "{:#x} plugged for {:#x} requested", driver, requested);
+        }
+    }
+}
