@@ -1200,10 +1200,15 @@ mod bbm_suite {
 
     #[test]
     fn guest_without_spare_memory_keeps_the_big_block() -> Result {
-        let mut f = bbm_probe(c"vmr-kunit-bbm-pressure", bbm_config(), |_| {})?;
-        let before = f.grow_online(128 * MIB)?;
-        // Less to spare than one big block: not a page is taken.
-        f.with(|s| s.available = 64 * MIB);
+        // 256 MiB big blocks of two memory blocks.
+        let mut f = bbm_probe(c"vmr-kunit-bbm-pressure", qemu_config(), |s| {
+            s.mode_params.force_bbm = true;
+            s.mode_params.bbm_block_size = 256 * MIB;
+        })?;
+        let before = f.grow_online(256 * MIB)?;
+        // 200 MiB to spare beyond the margin: one memory block, not the big block. Not a
+        // page is taken (rather than one memory block taken and handed back).
+        f.with(|s| s.available = MIN_MARGIN + 200 * MIB);
         f.resize(0);
         let s = f.snap();
         assert_eq!(f.mock.state.lock().fake_offline_tries, 0);
