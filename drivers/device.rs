@@ -1204,6 +1204,18 @@ impl<P: Platform> VirtioMem<P> {
         }
     }
 
+    /// Whether the round must stop between two steps: `Freezing` if the worker is asked to
+    /// freeze (system sleep), `Again` if the config changed meanwhile.
+    fn interrupted(&self) -> Result<(), Stop> {
+        if self.platform.freezing() {
+            return Err(Stop::Freezing);
+        }
+        if self.config_changed.load(Ordering::Acquire) {
+            return Err(Stop::Again);
+        }
+        Ok(())
+    }
+
     /// Sends PLUG or UNPLUG of `nb` device blocks at `addr` and counts an ACK in the
     /// plugged size. `Nack` or `Busy` (nothing changed), `Freezing` (not sent: the device
     /// has no queue), or `Broken` (no valid answer: what the device did is unknown).
@@ -1250,12 +1262,7 @@ impl<P: Platform> VirtioMem<P> {
         };
         let bytes = nr << self.page_shift;
         for _ in 0..tries {
-            if self.platform.freezing() {
-                return Err(Stop::Freezing);
-            }
-            if self.config_changed.load(Ordering::Acquire) {
-                return Err(Stop::Again);
-            }
+            self.interrupted()?;
             // Memory may have gone since the caller looked, and between tries.
             let info = self.platform.mem_info();
             if !info.may_take(bytes) {

@@ -14,7 +14,6 @@ use crate::{
     platform::Platform,
     protocol::{self, RequestType},
 };
-use core::sync::atomic::Ordering;
 use kernel::{
     alloc::{KVVec, KVec},
     device::Device,
@@ -185,11 +184,8 @@ impl<P: Platform> VirtioMem<P> {
         let target = g.plugged + diff;
         let nb = self.geo.blocks_per_bb();
         loop {
-            if self.platform.freezing() {
-                return (g, Err(Stop::Freezing));
-            }
-            if self.config_changed.load(Ordering::Acquire) {
-                return (g, Err(Stop::Again));
+            if let Err(stop) = self.interrupted() {
+                return (g, Err(stop));
             }
             if target - g.plugged < self.geo.bb_size {
                 return (g, Ok(()));
@@ -267,11 +263,8 @@ impl<P: Platform> VirtioMem<P> {
                 break;
             }
             loop {
-                if self.platform.freezing() {
-                    return (g, Err(Stop::Freezing));
-                }
-                if self.config_changed.load(Ordering::Acquire) {
-                    return (g, Err(Stop::Again));
+                if let Err(stop) = self.interrupted() {
+                    return (g, Err(stop));
                 }
                 if g.plugged - target < self.geo.bb_size {
                     return (g, Ok(()));

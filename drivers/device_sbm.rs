@@ -12,7 +12,6 @@ use crate::{
     protocol::{self, RequestType},
     sbm::{MbState, OnlineCursor, PlugStep, Plugged, Sbm, UnplugStep},
 };
-use core::sync::atomic::Ordering;
 use kernel::{
     alloc::{KVVec, KVec},
     device::Device,
@@ -112,11 +111,8 @@ impl<P: Platform> VirtioMem<P> {
     ) -> (SbmGuard<'a, P>, Result<(), Stop>) {
         let target = g.plugged + diff;
         loop {
-            if self.platform.freezing() {
-                return (g, Err(Stop::Freezing));
-            }
-            if self.config_changed.load(Ordering::Acquire) {
-                return (g, Err(Stop::Again));
+            if let Err(stop) = self.interrupted() {
+                return (g, Err(stop));
             }
             let nb_sb = ((target - g.plugged) >> self.geo.sb_shift()) as usize;
             if nb_sb == 0 {
@@ -206,11 +202,8 @@ impl<P: Platform> VirtioMem<P> {
         loop {
             // Between steps (a block emptied is removed first). Within an online block,
             // `fake_offline` looks before each run is taken.
-            if self.platform.freezing() {
-                return (g, Err(Stop::Freezing));
-            }
-            if self.config_changed.load(Ordering::Acquire) {
-                return (g, Err(Stop::Again));
+            if let Err(stop) = self.interrupted() {
+                return (g, Err(stop));
             }
             let nb_sb = ((g.plugged - target) >> sb_shift) as usize;
 

@@ -1016,6 +1016,40 @@ mod bbm_suite {
         f.vm.view(|v| v.bbm.map(|b| b.state(bb)))
     }
 
+    /// What an unplug of big block `bb` that could not go through left: UNPLUGs sent, big
+    /// blocks removed, chunks in the buddy and fake-offline, its state, whether a retry is
+    /// queued, whether the device is broken.
+    type Undone = (usize, usize, usize, usize, Option<BbState>, bool, bool);
+
+    fn undone(f: &Fixture, bb: usize) -> Undone {
+        let s = f.snap();
+        let retry = s.last_delay.is_some_and(|d| d > 0);
+        let state = bb_state(f, bb);
+        (
+            s.unplugs,
+            s.removed,
+            s.buddy,
+            s.fake_offline,
+            state,
+            retry,
+            s.broken,
+        )
+    }
+
+    /// Nothing unplugged or removed, every page back in the buddy, the big block added as
+    /// before, a retry queued.
+    fn as_before(before: &Snap) -> Undone {
+        (0, 0, before.buddy, 0, Some(BbState::Added), true, false)
+    }
+
+    /// Once the failure is gone, the next round unplugs and removes the big block: (bytes
+    /// plugged, big blocks removed, violations, invalid requests).
+    fn retried(f: &Fixture) -> (u64, usize, u32, u32) {
+        f.vm.run();
+        let s = f.snap();
+        (s.device, s.removed, s.violations, s.invalid)
+    }
+
     #[test]
     fn memory_block_sized_device_grows_and_shrinks() -> Result {
         let mut f = bbm_probe(c"vmr-kunit-bbm-128m", bbm_config(), |_| {})?;
@@ -1159,23 +1193,11 @@ mod bbm_suite {
             s.fail_fake_offline = 1000;
         });
         f.resize(0);
-        let s = f.snap();
         assert_eq!(f.mock.state.lock().fake_offline_tries, 2);
-        assert_eq!(s.unplugs, 0);
-        assert_eq!(s.removed, 0);
-        assert_eq!(s.buddy, before.buddy);
-        assert_eq!(s.fake_offline, 0);
-        assert_eq!(bb_state(&f, 0), Some(BbState::Added));
-        assert!(s.last_delay.is_some_and(|d| d > 0));
-        assert!(!s.broken);
+        assert_eq!(undone(&f, 0), as_before(&before));
         // Free again: unplugged and removed.
         f.with(|s| s.fail_fake_offline = 0);
-        f.vm.run();
-        let s = f.snap();
-        assert_eq!(s.device, 0);
-        assert_eq!(s.removed, 1);
-        assert_eq!(s.violations, 0);
-        assert_eq!(s.invalid, 0);
+        assert_eq!(retried(&f), (0, 1, 0, 0));
         Ok(())
     }
 
@@ -1185,16 +1207,9 @@ mod bbm_suite {
         let before = f.grow_online(128 * MIB)?;
         f.with(|s| s.fail_remove = 1);
         f.resize(0);
-        let s = f.snap();
-        assert_eq!(s.device, 128 * MIB);
-        assert_eq!(s.buddy, before.buddy);
-        assert_eq!(s.fake_offline, 0);
-        assert_eq!(bb_state(&f, 0), Some(BbState::Added));
-        f.vm.run();
-        let s = f.snap();
-        assert_eq!(s.device, 0);
-        assert_eq!(s.removed, 1);
-        assert_eq!(s.violations, 0);
+        assert_eq!(undone(&f, 0), as_before(&before));
+        assert_eq!(f.snap().device, 128 * MIB);
+        assert_eq!(retried(&f), (0, 1, 0, 0));
         Ok(())
     }
 
