@@ -9,12 +9,8 @@ import time
 import pytest
 
 from test_boot import DRIVER, settle_memtotal, virtio_mem_ram
-from test_unplug import ram_down_to
-from vmlib import GiB, GuestError, MiB, Vm
-
-
-def size_bytes(size: str) -> int:
-    return int(size[:-1]) * (GiB if size.endswith("G") else MiB)
+from test_unplug import ram_down_to, resize
+from vmlib import GiB, GuestError, MiB, Vm, parse_size
 
 
 def probe_line(vm: Vm) -> str:
@@ -28,12 +24,10 @@ def follow(vm: Vm, base: int, steps, timeout: float = 180) -> None:
     """Resizes through `steps`: each time QEMU's size exactly, MemTotal boot + size, and
     exactly that much System RAM (virtio_mem) in /proc/iomem, inside the device's range."""
     for size in steps:
-        want = size_bytes(size)
-        vm.set_requested(size)
-        t = vm.wait_size(size, timeout=timeout)
+        want = parse_size(size)
+        t = resize(vm, base, size, timeout=timeout)
         print(f"{size}: {t:.2f} s")
         assert vm.device()["size"] == want
-        assert settle_memtotal(vm, base + want) == base + want, f"MemTotal is not boot + {size}"
         assert ram_down_to(vm, want) == want, f"/proc/iomem does not hold {size} of device RAM"
         if want:
             parent, children = virtio_mem_ram(vm)
@@ -50,7 +44,7 @@ def test_big_blocks_follow_the_requested_size(boot, block_size):
     vm = boot(block_size=block_size, append="memhp_default_state=online_movable")
     assert vm.bound_driver() == DRIVER
     line = probe_line(vm)
-    assert "Big Block Mode" in line and f"big block {size_bytes(block_size):#x}" in line, line
+    assert "Big Block Mode" in line and f"big block {parse_size(block_size):#x}" in line, line
     base = vm.memtotal()
     follow(vm, base, ("4G", "6G", "2G", "0G"))
     assert vm.zone_managed("Movable") == 0
