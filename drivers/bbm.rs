@@ -206,6 +206,13 @@ impl<W: DerefMut<Target = [u64]>> Bbm<W> {
         (0..self.mbs_per_bb).filter(move |&mb| self.bit(bb, mb, false))
     }
 
+    /// How many memory blocks of big block `bb` are online in ZONE_MOVABLE.
+    pub(crate) fn movable_mbs(&self, bb: usize) -> usize {
+        (0..self.mbs_per_bb)
+            .filter(|&mb| self.bit(bb, mb, true))
+            .count()
+    }
+
     /// Whether every memory block of big block `bb` is offline.
     pub(crate) fn all_offline(&self, bb: usize) -> bool {
         self.online_mbs(bb).next().is_none()

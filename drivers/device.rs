@@ -27,8 +27,10 @@ use crate::{
         self, BadResponse, BlockState, RequestType, Response, StateAnswer, RESPONSE_POISON,
         RESPONSE_SIZE,
     },
-    retry::Backoff,
+    retry::{self, Backoff},
+    status::{self, Answer, Attr, Blocked, Counters, Fixed, Snapshot, State, Usage},
 };
+use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};
 #[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
 use kernel::alloc::KVVec;
@@ -36,6 +38,7 @@ use kernel::{
     device::Device,
     new_mutex,
     prelude::*,
+    str::CStr,
     sync::aref::ARef,
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -54,6 +57,8 @@ use sbm_worker::SbmState;
 
 /// Stop adding memory while at least this much is added but offline (or two blocks).
 const OFFLINE_THRESHOLD: u64 = 1 << 30;
+/// How long added memory may stay offline before the operator is told nothing onlines it.
+const ONLINE_GRACE_MS: u64 = 5_000;
 
 /// Memory notifier events, as the glue passes them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +155,12 @@ trait Worker<P: Platform>: Sized + Unpin {
     ) -> (Guard<'a, P, Self>, Result<(), Stop>);
     /// The end address of the highest plugged memory, if any is plugged.
     fn plugged_end(&self, geo: &Geometry) -> Option<u64>;
+    /// How the plugged memory is used (online, offline, movable), from the bookkeeping.
+    fn usage(&self, geo: &Geometry) -> Usage;
+    /// Units (memory blocks, big blocks) added to Linux with nothing of them online.
+    fn added_offline(&self) -> usize;
+    /// One line per unit that is not unused: address, state, zone, what is plugged.
+    fn write_blocks(&self, geo: &Geometry, w: &mut impl Write) -> fmt::Result;
     /// The usable region is now its first `usable` bytes.
     fn set_usable(&mut self, geo: &Geometry, usable: u64);
 }
@@ -178,6 +189,23 @@ enum Stop {
     Freezing,
 }
 
+impl Stop {
+    /// Why a round stopped, for its trace event.
+    fn name(&self) -> &'static CStr {
+        match self {
+            Self::Again => c"config_changed",
+            Self::Nack => c"nack",
+            Self::RetryLater => c"retry_later",
+            Self::Busy => c"busy",
+            Self::Pressure(_) => c"guest_needs_memory",
+            Self::WaitForOnline => c"wait_for_online",
+            Self::NoRoom => c"no_room",
+            Self::Broken => c"broken",
+            Self::Freezing => c"freezing",
+        }
+    }
+}
+
 struct Inner<T, M> {
     chan: T,
     /// The response buffer, poisoned before each request.
@@ -188,6 +216,9 @@ struct Inner<T, M> {
     sizes: Sizes,
     /// What this driver has plugged (the device's `plugged_size` is only compared to it).
     plugged: u64,
+    /// The plugged size of the device's last valid config (read at the start and the end of
+    /// each round), for the operator.
+    device_plugged: u64,
     /// Memory was plugged at probe: UNPLUG_ALL before anything else.
     unplug_all_required: bool,
     broken: bool,
@@ -213,6 +244,16 @@ struct Inner<T, M> {
     /// In a crash kernel: the last range asked with STATE (its start) and whether it is
     /// RAM. Reads of `/proc/vmcore` go page by page.
     last_state: Option<(u64, bool)>,
+    /// What the driver is doing, what stood in its way last, and its counters: published
+    /// with the sizes as a [`Snapshot`].
+    state: State,
+    blocked: Blocked,
+    counters: Counters,
+    /// When the next round is due (the platform's clock, ms), if a retry is scheduled.
+    retry_at_ms: Option<u64>,
+    /// Since when memory is added but offline (ms), and whether the operator was told.
+    offline_since_ms: Option<u64>,
+    offline_told: bool,
 }
 
 impl<T, M> Inner<T, M> {
@@ -223,6 +264,7 @@ impl<T, M> Inner<T, M> {
             mode,
             sizes,
             plugged: 0,
+            device_plugged: sizes.plugged,
             unplug_all_required,
             broken: false,
             unknown_mb: None,
@@ -235,6 +277,12 @@ impl<T, M> Inner<T, M> {
             pressure: None,
             frozen: false,
             last_state: None,
+            state: State::Idle,
+            blocked: Blocked::None,
+            counters: Counters::default(),
+            retry_at_ms: None,
+            offline_since_ms: None,
+            offline_told: false,
         }
     }
 }
@@ -256,6 +304,11 @@ pub(crate) struct VirtioMem<P: Platform> {
     /// Set by the config change callback (any context), consumed by the worker.
     config_changed: AtomicBool,
     inner: Locked<P::Transport>,
+    /// The geometry as the sysfs attributes show it.
+    fixed: Fixed,
+    /// The last published state (see `status.rs`): taken by readers, and by the worker only
+    /// to replace it, never across a request.
+    snapshot: Pin<KBox<Mutex<Snapshot>>>,
 }
 
 /// The state the tests check, as [`VirtioMem::view`] shows it.
@@ -355,6 +408,15 @@ impl<P: Platform> VirtioMem<P> {
             },
             geo.mode.name()
         );
+        if !kdump && platform.auto_online() == Some(false) {
+            dev_warn!(
+                dev,
+                "memhp_default_state=offline: memory this device adds stays offline until user \
+                 space onlines it (udev: /sys/devices/system/memory/memoryN/state); boot with \
+                 memhp_default_state=online (or online_movable), or build with \
+                 CONFIG_MHP_DEFAULT_ONLINE_TYPE_ONLINE_AUTO\n"
+            );
+        }
         if geo.mode == ModeKind::Bbm && geo.outside_bbs() != 0 {
             dev_warn!(
                 dev,
@@ -407,6 +469,28 @@ impl<P: Platform> VirtioMem<P> {
                 GFP_KERNEL,
             )?),
         };
+        let fixed = Fixed {
+            region_start: geo.addr,
+            region_size: geo.region_size,
+            block_size: geo.device_block_size,
+            subblock_size: unit,
+            memory_block_size: geo.memory_block_size,
+            mode: geo.mode.name(),
+            node: nid,
+        };
+        let snapshot = Snapshot {
+            state: if kdump { State::Kdump } else { State::Idle },
+            requested: sizes.requested,
+            usable: sizes.usable,
+            plugged: 0,
+            device_plugged: sizes.plugged,
+            usage: Usage {
+                offline: if kdump { sizes.plugged } else { 0 },
+                ..Usage::default()
+            },
+            ..Snapshot::default()
+        };
+        let snapshot = KBox::pin_init(new_mutex!(snapshot, "VirtioMem::snapshot"), GFP_KERNEL)?;
         Ok(Arc::new(
             Self {
                 dev,
@@ -418,6 +502,8 @@ impl<P: Platform> VirtioMem<P> {
                 kdump,
                 config_changed: AtomicBool::new(true),
                 inner,
+                fixed,
+                snapshot,
             },
             GFP_KERNEL,
         )?)
@@ -426,6 +512,105 @@ impl<P: Platform> VirtioMem<P> {
     /// The platform the device runs on.
     pub(crate) fn platform(&self) -> &P {
         &self.platform
+    }
+
+    /// Publishes the state under the lock `g` as the snapshot readers see (`status.rs`).
+    /// Called wherever the worker's bookkeeping agrees with its counters: before the lock
+    /// is dropped, and at the end of a round or a notifier event.
+    fn publish<M: Worker<P>>(&self, g: &Inner<P::Transport, M>) {
+        let s = Snapshot {
+            state: g.state,
+            requested: g.sizes.requested,
+            usable: g.sizes.usable,
+            plugged: g.plugged,
+            device_plugged: g.device_plugged,
+            usage: g.mode.usage(&self.geo),
+            failed_rounds: g.backoff.failed_rounds(),
+            retry_at_ms: g.retry_at_ms,
+            blocked: g.blocked,
+            counters: g.counters,
+        };
+        *self.snapshot.lock() = s;
+    }
+
+    /// The last published state (never waits for a device request).
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        *self.snapshot.lock()
+    }
+
+    /// Writes sysfs attribute `attr` of the last published state.
+    pub(crate) fn show(&self, attr: Attr, w: &mut impl Write) -> fmt::Result {
+        status::show(attr, &self.fixed, &self.snapshot(), self.now_ms(), w)
+    }
+
+    /// Every attribute of the last published state, `name: value` per line (debugfs
+    /// `status`).
+    pub(crate) fn write_status(&self, w: &mut impl Write) -> fmt::Result {
+        status::show_all(&self.fixed, &self.snapshot(), self.now_ms(), w)
+    }
+
+    /// One line per memory block (Sub Block Mode) or big block (Big Block Mode) that is
+    /// not unused (debugfs `blocks`). Takes the worker's lock: may wait for a request.
+    pub(crate) fn write_blocks(&self, w: &mut impl Write) -> fmt::Result {
+        match &self.inner {
+            Locked::Sbm(m) => Worker::<P>::write_blocks(&m.lock().mode, &self.geo, w),
+            Locked::Bbm(m) => Worker::<P>::write_blocks(&m.lock().mode, &self.geo, w),
+        }
+    }
+
+    /// The retry schedule (debugfs `retry`), from the last published state.
+    pub(crate) fn write_retry(&self, w: &mut impl Write) -> fmt::Result {
+        let s = self.snapshot();
+        writeln!(w, "failed_rounds: {}", s.failed_rounds)?;
+        write!(w, "next_retry_ms: ")?;
+        status::show(Attr::NextRetryMs, &self.fixed, &s, self.now_ms(), w)?;
+        writeln!(
+            w,
+            "schedule: from {} ms, doubling up to {} ms; guest short of memory: every {} ms at \
+             most; slab dropped from failed round {} on",
+            retry::MIN_MS,
+            retry::MAX_MS,
+            headroom::POLL_MS,
+            retry::DROP_SLAB_AFTER
+        )
+    }
+
+    /// Adds memory `addr .. addr + size` with the lock dropped (published first), and
+    /// counts its memory blocks if that worked.
+    fn add_unlocked<'a, M: Worker<P>>(
+        &'a self,
+        g: Guard<'a, P, M>,
+        addr: u64,
+        size: u64,
+    ) -> (Guard<'a, P, M>, Result) {
+        self.publish(&g);
+        let (mut g, res) = unlocked(g, || self.platform.add_memory(addr, size));
+        if res.is_ok() {
+            g.counters.memory_blocks_added += size / self.geo.memory_block_size;
+        }
+        (g, res)
+    }
+
+    /// Offlines and removes memory `addr .. addr + size` with the lock dropped (published
+    /// first), and counts its memory blocks if that worked.
+    fn remove_unlocked<'a, M: Worker<P>>(
+        &'a self,
+        g: Guard<'a, P, M>,
+        addr: u64,
+        size: u64,
+    ) -> (Guard<'a, P, M>, Result) {
+        self.publish(&g);
+        let (mut g, res) = unlocked(g, || self.platform.offline_and_remove(addr, size));
+        match res {
+            Ok(()) => g.counters.memory_blocks_removed += size / self.geo.memory_block_size,
+            Err(_) => {
+                g.blocked = Blocked::Removal {
+                    start: addr,
+                    end: addr + size,
+                }
+            }
+        }
+        (g, res)
     }
 
     /// Takes the region for Linux: resource, memory group, notifier, online page callback.
@@ -495,6 +680,10 @@ impl<P: Platform> VirtioMem<P> {
         }
         g.frozen = true;
         g.last_state = None;
+        if !self.kdump {
+            g.state = State::Suspended;
+            self.snapshot.lock().state = State::Suspended;
+        }
         Ok(())
     }
 
@@ -505,6 +694,11 @@ impl<P: Platform> VirtioMem<P> {
         with_inner!(self, |g| {
             g.frozen = false;
             g.last_state = None;
+            if !self.kdump {
+                // The round the glue kicks says what it does.
+                g.state = State::Idle;
+                self.snapshot.lock().state = State::Idle;
+            }
         });
         self.config_changed();
     }
@@ -544,7 +738,11 @@ impl<P: Platform> VirtioMem<P> {
         let unit = geo.device_block_size.max(page);
         // The device blocks of the page (a hostile region start may not be page aligned).
         let start = (addr & !(unit - 1)).max(geo.addr);
-        with_inner!(self, |g| self.pfn_is_ram_locked(g, addr, start, unit))
+        with_inner!(self, |g| {
+            let ram = self.pfn_is_ram_locked(g, addr, start, unit);
+            self.publish_kdump(g);
+            ram
+        })
     }
 
     /// [`Self::pfn_is_ram`] of the page at `addr`, whose device blocks (or the page, if
@@ -583,7 +781,20 @@ impl<P: Platform> VirtioMem<P> {
     /// page, if larger: one not wholly plugged is left out, `pfn_is_ram` would say so too).
     /// `EIO` if the device gives no valid answer (it is then broken).
     pub(crate) fn device_ram(&self, add: impl FnMut(u64, u64) -> Result) -> Result {
-        with_inner!(self, |g| self.device_ram_locked(g, add))
+        with_inner!(self, |g| {
+            let res = self.device_ram_locked(g, add);
+            self.publish_kdump(g);
+            res
+        })
+    }
+
+    /// In a crash kernel: the counters of the STATE requests, and whether the device broke.
+    fn publish_kdump<M>(&self, g: &Inner<P::Transport, M>) {
+        let mut s = self.snapshot.lock();
+        s.counters = g.counters;
+        if g.broken {
+            s.state = State::Broken;
+        }
     }
 
     fn device_ram_locked<M>(
@@ -681,8 +892,18 @@ impl<P: Platform> VirtioMem<P> {
         movable: bool,
     ) -> NotifyAnswer {
         match &self.inner {
-            Locked::Sbm(m) => self.sbm_memory_event(&mut m.lock(), event, start, size, movable),
-            Locked::Bbm(m) => self.bbm_memory_event(&mut m.lock(), event, start, size, movable),
+            Locked::Sbm(m) => {
+                let mut g = m.lock();
+                let answer = self.sbm_memory_event(&mut g, event, start, size, movable);
+                self.publish(&g);
+                answer
+            }
+            Locked::Bbm(m) => {
+                let mut g = m.lock();
+                let answer = self.bbm_memory_event(&mut g, event, start, size, movable);
+                self.publish(&g);
+                answer
+            }
         }
     }
 
@@ -748,21 +969,47 @@ impl<P: Platform> VirtioMem<P> {
             return;
         }
         match &self.inner {
-            Locked::Sbm(m) => self.run_locked(m.lock()),
-            Locked::Bbm(m) => self.run_locked(m.lock()),
+            Locked::Sbm(m) => self.after_round(self.run_locked(m.lock())),
+            Locked::Bbm(m) => self.after_round(self.run_locked(m.lock())),
         }
     }
 
+    /// After a round: the plugged size the device says now (it does not announce a change
+    /// of it), the state of a device given up on, and the snapshot.
+    fn after_round<M: Worker<P>>(&self, mut g: Guard<'_, P, M>) {
+        if !g.broken && !g.frozen {
+            let raw = g.chan.read_config();
+            // Only a valid config counts (an invalid one is logged by the next round).
+            if let Ok(sizes) = Sizes::new(&raw, &self.geo) {
+                g.device_plugged = sizes.plugged;
+            }
+        }
+        if g.broken {
+            g.state = State::Broken;
+            g.retry_at_ms = None;
+        } else if g.frozen {
+            g.state = State::Suspended;
+        }
+        self.publish(&g);
+    }
+
+    /// The platform's clock in milliseconds.
+    fn now_ms(&self) -> u64 {
+        self.platform.now_ns() / 1_000_000
+    }
+
     /// A round of the worker in mode `M`.
-    fn run_locked<'a, M: Worker<P>>(&'a self, mut g: Guard<'a, P, M>) {
+    fn run_locked<'a, M: Worker<P>>(&'a self, mut g: Guard<'a, P, M>) -> Guard<'a, P, M> {
         let start_plugged = g.plugged;
+        g.blocked = Blocked::None;
+        g.retry_at_ms = None;
         let result = loop {
             if g.broken || g.removing || g.frozen {
-                return;
+                return g;
             }
             // Checked before anything else: there may be no request to send this round.
             if self.needs_reset(&mut g) {
-                return;
+                return g;
             }
             if self.platform.freezing() {
                 break Err(Stop::Freezing);
@@ -774,11 +1021,14 @@ impl<P: Platform> VirtioMem<P> {
                         self.config_changed.store(true, Ordering::Release);
                     }
                     Some(Response::Busy) => break Err(Stop::Busy),
-                    other => return self.mark_broken(&mut g, RequestType::UnplugAll, other),
+                    other => {
+                        self.mark_broken(&mut g, RequestType::UnplugAll, other);
+                        return g;
+                    }
                 }
             }
             if self.config_changed.swap(false, Ordering::AcqRel) && !self.refresh(&mut g) {
-                return;
+                return g;
             }
 
             // Blocks whose adding and undoing both failed: give them back first.
@@ -792,9 +1042,11 @@ impl<P: Platform> VirtioMem<P> {
             let requested = g.sizes.requested;
             let (ng, result) = if requested > g.plugged && g.nacked_at != Some(requested) {
                 let diff = requested - g.plugged;
+                g.state = State::Plugging;
                 M::plug(self, g, diff)
             } else if requested < g.plugged {
                 let diff = g.plugged - requested;
+                g.state = State::Unplugging;
                 M::unplug(self, g, diff)
             } else {
                 (g, Ok(()))
@@ -808,6 +1060,38 @@ impl<P: Platform> VirtioMem<P> {
         };
 
         let requested = g.sizes.requested;
+        self.platform.trace_round(
+            requested,
+            start_plugged,
+            g.plugged,
+            match &result {
+                Ok(()) => c"done",
+                Err(stop) => stop.name(),
+            },
+        );
+        g.state = match &result {
+            Ok(()) | Err(Stop::Again) => State::Idle,
+            Err(Stop::Nack) => State::Refused,
+            Err(Stop::RetryLater | Stop::Busy | Stop::Pressure(_)) => State::Retrying,
+            Err(Stop::WaitForOnline) => State::WaitingForOnline,
+            Err(Stop::NoRoom) => State::NoRoom,
+            Err(Stop::Broken) => State::Broken,
+            Err(Stop::Freezing) => State::Suspended,
+        };
+        g.blocked = match &result {
+            Err(Stop::Busy) => Blocked::DeviceBusy,
+            Err(Stop::Pressure(_)) => Blocked::GuestNeedsMemory,
+            Err(Stop::RetryLater) => match g.last_busy {
+                Some((pfn, nr)) => Blocked::Range {
+                    start: pfn << self.page_shift,
+                    end: (pfn + nr) << self.page_shift,
+                    holder: self.platform.find_holder(pfn, nr),
+                },
+                // A removal that failed (set by `remove_unlocked`), or nothing known.
+                None => g.blocked,
+            },
+            _ => Blocked::None,
+        };
         if g.plugged != start_plugged {
             dev_info!(
                 self.dev,
@@ -875,6 +1159,50 @@ impl<P: Platform> VirtioMem<P> {
                 self.platform.queue_work(0);
             }
         }
+        // No retry is scheduled after these: one more round watches the onlining.
+        let idle = matches!(
+            result,
+            Ok(()) | Err(Stop::Again | Stop::WaitForOnline | Stop::Nack | Stop::NoRoom)
+        );
+        self.watch_onlining(&mut g, idle);
+        g
+    }
+
+    /// Tells the operator, once, when memory added [`ONLINE_GRACE_MS`] ago is still
+    /// offline: nothing onlines hot-plugged memory in this guest. `idle`: no round is
+    /// scheduled, so one is, to look again when the grace time is over.
+    fn watch_onlining<M: Worker<P>>(&self, g: &mut Inner<P::Transport, M>, idle: bool) {
+        if g.mode.added_offline() == 0 {
+            g.offline_since_ms = None;
+            return;
+        }
+        if g.offline_told {
+            return;
+        }
+        let now = self.now_ms();
+        let Some(since) = g.offline_since_ms else {
+            // First seen offline: one more round when the grace time is over, unless one
+            // is scheduled anyway.
+            g.offline_since_ms = Some(now);
+            if idle {
+                self.platform.queue_work(ONLINE_GRACE_MS as u32);
+            }
+            return;
+        };
+        if now.saturating_sub(since) < ONLINE_GRACE_MS {
+            return;
+        }
+        g.offline_told = true;
+        let u = g.mode.usage(&self.geo);
+        dev_warn!(
+            self.dev,
+            "{} MiB added {} s ago is still offline: nothing onlines hot-plugged memory in \
+             this guest. Boot with memhp_default_state=online (or online_movable), build \
+             with CONFIG_MHP_DEFAULT_ONLINE_TYPE_ONLINE_AUTO, or online it from user space \
+             (udev: /sys/devices/system/memory/memoryN/state)\n",
+            u.offline >> 20,
+            now.saturating_sub(since) / 1000
+        );
     }
 
     /// Re-reads the config. `false` if it is invalid (logged; nothing is done until the
@@ -935,6 +1263,7 @@ impl<P: Platform> VirtioMem<P> {
             );
         }
         g.sizes = sizes;
+        g.device_plugged = sizes.plugged;
         g.mode.set_usable(&self.geo, sizes.usable);
         true
     }
@@ -945,6 +1274,8 @@ impl<P: Platform> VirtioMem<P> {
     /// a guest that has nothing to spare.
     fn wait_for_guest<M>(&self, g: &mut Inner<P::Transport, M>, info: MemInfo) {
         let r = g.backoff.failed();
+        let delay = r.delay_ms.min(headroom::POLL_MS);
+        g.retry_at_ms = Some(self.now_ms() + u64::from(delay));
         g.pressure = Some(info);
         let asked = g.plugged.saturating_sub(g.sizes.requested) >> 20;
         let (avail, margin) = (info.counted() >> 20, info.margin() >> 20);
@@ -968,12 +1299,13 @@ impl<P: Platform> VirtioMem<P> {
             ),
             Say::Nothing | Say::Ends => {}
         }
-        self.platform.queue_work(r.delay_ms.min(headroom::POLL_MS));
+        self.platform.queue_work(delay);
     }
 
     /// Schedules the next round after a failed one (see `retry.rs`).
     fn retry_later<M>(&self, g: &mut Inner<P::Transport, M>) {
         let r = g.backoff.failed();
+        g.retry_at_ms = Some(self.now_ms() + u64::from(r.delay_ms));
         if r.failed_rounds > 1 {
             dev_info!(
                 self.dev,
@@ -995,6 +1327,7 @@ impl<P: Platform> VirtioMem<P> {
         if r.drop_slab && g.plugged > g.sizes.requested {
             let info = self.platform.mem_info();
             if info.slab_worth_dropping() && info.spare() > 0 && self.platform.drop_slab() {
+                g.counters.drop_slab_calls += 1;
                 dev_dbg!(
                     self.dev,
                     "dropped reclaimable slab objects ({} KiB were reclaimable)\n",
@@ -1040,28 +1373,48 @@ impl<P: Platform> VirtioMem<P> {
         g.broken = true;
     }
 
-    /// Sends one request and waits for the answer: `Some(used length)`, with the answer in
-    /// `g.resp`, or `None` if it was not sent or not answered in time (logged): the
-    /// device's state is then unknown.
+    /// Counts and traces the answer to a request sent at `sent_ns`.
+    fn answered<M>(
+        &self,
+        g: &mut Inner<P::Transport, M>,
+        ty: RequestType,
+        addr: u64,
+        nb_blocks: u16,
+        answer: Answer,
+        sent_ns: u64,
+    ) {
+        g.counters.answer(answer);
+        let ns = self.platform.now_ns().saturating_sub(sent_ns);
+        self.platform.trace_request(ty, addr, nb_blocks, answer, ns);
+    }
+
+    /// Sends one request and waits for the answer: `Some((used length, when it was sent))`,
+    /// with the answer in `g.resp`, or `None` if it was not sent or not answered in time
+    /// (logged): the device's state is then unknown.
     fn exchange<M>(
         &self,
         g: &mut Inner<P::Transport, M>,
         ty: RequestType,
         addr: u64,
         nb_blocks: u16,
-    ) -> Option<u32> {
+    ) -> Option<(u32, u64)> {
         // Nothing more goes to a device that answered ERROR, nothing or nonsense, or that
         // asked to be reset.
         if g.broken || self.needs_reset(g) {
             return None;
         }
         let req = protocol::encode_request(ty, addr, nb_blocks);
+        g.counters.request(ty);
+        let sent = self.platform.now_ns();
         let Inner { chan, resp, .. } = g;
         // Whatever the device leaves unwritten, or left from an earlier answer, is invalid.
         *resp = RESPONSE_POISON;
         let res = chan.request(&req, resp, REQUEST_TIMEOUT_MS);
+        if res.is_err() {
+            self.answered(g, ty, addr, nb_blocks, Answer::Timeout, sent);
+        }
         match res {
-            Ok(len) => Some(len),
+            Ok(len) => Some((len, sent)),
             // It asked to be reset while the request waited: the transport stopped waiting.
             Err(_) if self.needs_reset(g) => None,
             Err(e) if e == ETIMEDOUT => {
@@ -1098,13 +1451,29 @@ impl<P: Platform> VirtioMem<P> {
         addr: u64,
         nb_blocks: u16,
     ) -> Option<Response> {
-        let used_len = self.exchange(g, ty, addr, nb_blocks)?;
-        match Response::decode(&g.resp, used_len) {
+        let (used_len, sent) = self.exchange(g, ty, addr, nb_blocks)?;
+        let r = Response::decode(&g.resp, used_len);
+        let answer = match r {
+            Ok(r) => Self::kind(r),
+            Err(_) => Answer::Invalid,
+        };
+        self.answered(g, ty, addr, nb_blocks, answer, sent);
+        match r {
             Ok(r) => Some(r),
             Err(e) => {
                 self.bad_answer(ty, addr, e);
                 None
             }
+        }
+    }
+
+    /// The kind of a valid answer, for the counters.
+    fn kind(r: Response) -> Answer {
+        match r {
+            Response::Ack => Answer::Ack,
+            Response::Nack => Answer::Nack,
+            Response::Busy => Answer::Busy,
+            Response::Error => Answer::Error,
         }
     }
 
@@ -1119,35 +1488,44 @@ impl<P: Platform> VirtioMem<P> {
         nb_blocks: u16,
     ) -> Option<BlockState> {
         let ty = RequestType::State;
-        let answer = self.exchange(g, ty, addr, nb_blocks).and_then(|used_len| {
-            match StateAnswer::decode(&g.resp, used_len) {
-                Ok(StateAnswer::Ack(BlockState::Mixed)) if nb_blocks == 1 => {
-                    dev_err!(
-                        self.dev,
-                        "invalid answer to STATE {:#x}: MIXED for a single device block: \
+        let answer = self
+            .exchange(g, ty, addr, nb_blocks)
+            .and_then(|(used_len, sent)| {
+                let decoded = StateAnswer::decode(&g.resp, used_len);
+                let kind = match decoded {
+                    Ok(StateAnswer::Ack(_)) => Answer::Ack,
+                    Ok(StateAnswer::Other(r)) => Self::kind(r),
+                    Err(_) => Answer::Invalid,
+                };
+                self.answered(g, ty, addr, nb_blocks, kind, sent);
+                match decoded {
+                    Ok(StateAnswer::Ack(BlockState::Mixed)) if nb_blocks == 1 => {
+                        dev_err!(
+                            self.dev,
+                            "invalid answer to STATE {:#x}: MIXED for a single device block: \
                          device marked broken\n",
-                        addr
-                    );
-                    None
-                }
-                Ok(StateAnswer::Ack(state)) => Some(state),
-                Ok(StateAnswer::Other(r)) => {
-                    dev_err!(
-                        self.dev,
-                        "device answered STATE {:#x} ({} blocks) with {:?}: device marked \
+                            addr
+                        );
+                        None
+                    }
+                    Ok(StateAnswer::Ack(state)) => Some(state),
+                    Ok(StateAnswer::Other(r)) => {
+                        dev_err!(
+                            self.dev,
+                            "device answered STATE {:#x} ({} blocks) with {:?}: device marked \
                          broken\n",
-                        addr,
-                        nb_blocks,
-                        r
-                    );
-                    None
+                            addr,
+                            nb_blocks,
+                            r
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        self.bad_answer(ty, addr, e);
+                        None
+                    }
                 }
-                Err(e) => {
-                    self.bad_answer(ty, addr, e);
-                    None
-                }
-            }
-        });
+            });
         if answer.is_none() && !g.broken {
             dev_err!(
                 self.dev,
@@ -1234,9 +1612,18 @@ impl<P: Platform> VirtioMem<P> {
             Some(Response::Ack) => {
                 let bytes = u64::from(nb) << self.geo.device_block_size.trailing_zeros();
                 match ty {
-                    RequestType::Plug => g.plugged += bytes,
-                    RequestType::Unplug => g.plugged -= bytes,
-                    RequestType::UnplugAll => g.plugged = 0,
+                    RequestType::Plug => {
+                        g.plugged += bytes;
+                        g.counters.bytes_plugged += bytes;
+                    }
+                    RequestType::Unplug => {
+                        g.plugged -= bytes;
+                        g.counters.bytes_unplugged += bytes;
+                    }
+                    RequestType::UnplugAll => {
+                        g.counters.bytes_unplugged += g.plugged;
+                        g.plugged = 0;
+                    }
                     RequestType::State => {}
                 }
                 Ok(())
@@ -1254,7 +1641,7 @@ impl<P: Platform> VirtioMem<P> {
     /// `RetryLater` if they cannot be freed now, `Again` if the config changed meanwhile,
     /// `Pressure` if the guest can no longer spare them, `Freezing` if the worker is asked
     /// to freeze.
-    fn fake_offline(&self, pfn: u64, nr: u64) -> Result<(), Stop> {
+    fn fake_offline(&self, counters: &mut Counters, pfn: u64, nr: u64) -> Result<(), Stop> {
         let tries = if self.platform.is_movable(pfn) {
             FAKE_OFFLINE_TRIES_MOVABLE
         } else {
@@ -1268,10 +1655,21 @@ impl<P: Platform> VirtioMem<P> {
             if !info.may_take(bytes) {
                 return Err(Stop::Pressure(info));
             }
-            match self.platform.fake_offline(pfn, nr) {
+            let (migrated, start) = (self.platform.pages_migrated(), self.platform.now_ns());
+            let res = self.platform.fake_offline(pfn, nr);
+            let ns = self.platform.now_ns().saturating_sub(start);
+            let moved = self.platform.pages_migrated().saturating_sub(migrated);
+            counters.bytes_migrated += moved << self.page_shift;
+            self.platform
+                .trace_unplug_online(pfn, nr, res.err().map_or(0, |e| e.to_errno()), ns);
+            match res {
                 Ok(()) => return Ok(()),
-                Err(e) if e == ENOMEM => return Err(Stop::RetryLater),
-                Err(_) => continue,
+                Err(e) => {
+                    counters.alloc_contig_range_failures += 1;
+                    if e == ENOMEM {
+                        return Err(Stop::RetryLater);
+                    }
+                }
             }
         }
         dev_dbg!(

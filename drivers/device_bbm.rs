@@ -7,13 +7,15 @@
 //! every online memory block of a big block from the kernel (fake-offline), then offlining
 //! and removing the big block, then UNPLUG.
 
-use super::{unlocked, unplug_stop, Inner, MemEvent, NotifyAnswer, Stop, VirtioMem, Worker};
+use super::{unplug_stop, Inner, MemEvent, NotifyAnswer, Stop, VirtioMem, Worker};
 use crate::{
     bbm::{BbState, Bbm, FakeOffline, Refused, UnplugPass},
     config::Geometry,
     platform::Platform,
     protocol::{self, RequestType},
+    status::Usage,
 };
+use core::fmt::{self, Write};
 use kernel::{
     alloc::{KVVec, KVec},
     device::Device,
@@ -90,6 +92,75 @@ impl<P: Platform> Worker<P> for BbmState {
 
     fn set_usable(&mut self, geo: &Geometry, usable: u64) {
         self.bbm.set_usable_bbs(geo.usable_bbs(usable));
+    }
+
+    fn usage(&self, geo: &Geometry) -> Usage {
+        let mut u = Usage::default();
+        let mb_size = geo.memory_block_size;
+        for bb in 0..self.bbm.nr_bbs() {
+            match self.bbm.state(bb) {
+                BbState::Unused => {}
+                // Plugged, not added: offline. Being unplugged: taken from the kernel.
+                BbState::Plugged | BbState::FakeOffline => u.offline += geo.bb_size,
+                BbState::Added => {
+                    let online = self.bbm.online_mbs(bb).count() as u64 * mb_size;
+                    let movable = self.bbm.movable_mbs(bb) as u64 * mb_size;
+                    u.online += online;
+                    u.movable += movable;
+                    u.offline += geo.bb_size - online;
+                }
+            }
+        }
+        // A big block left partly plugged is in state plugged (counted whole above).
+        if let Some(p) = self.partial {
+            if self.bbm.state(p.bb) == BbState::Plugged {
+                u.offline -= geo.bb_size;
+                u.offline += p.nb << geo.device_block_size.trailing_zeros();
+            }
+        }
+        u
+    }
+
+    fn added_offline(&self) -> usize {
+        self.bbm.offline_bbs()
+    }
+
+    fn write_blocks(&self, geo: &Geometry, w: &mut impl Write) -> fmt::Result {
+        let mbs = self.bbm.mbs_per_bb();
+        for bb in 0..self.bbm.nr_bbs() {
+            let state = self.bbm.state(bb);
+            if state == BbState::Unused {
+                continue;
+            }
+            let online = self.bbm.online_mbs(bb).count();
+            let movable = self.bbm.movable_mbs(bb);
+            let zone = match (online, movable) {
+                (0, _) => "-",
+                (o, m) if o == m => "movable",
+                (_, 0) => "kernel",
+                _ => "mixed",
+            };
+            write!(
+                w,
+                "{:#x} {} {} online {}/{} movable {}",
+                geo.bb_addr(bb),
+                state.name(),
+                zone,
+                online,
+                mbs,
+                movable
+            )?;
+            match self.partial {
+                Some(p) if p.bb == bb => writeln!(
+                    w,
+                    " partly plugged: device blocks {}..{}",
+                    p.first,
+                    p.first + p.nb
+                )?,
+                _ => writeln!(w)?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -215,7 +286,7 @@ impl<P: Platform> VirtioMem<P> {
             // Added before it is: the memory notifier lets it go online.
             g.mode.bbm.plugged_new(bb);
             let (addr, size) = (self.geo.bb_addr(bb), self.geo.bb_size);
-            let (ng, added) = unlocked(g, || self.platform.add_memory(addr, size));
+            let (ng, added) = self.add_unlocked(g, addr, size);
             g = ng;
             if let Err(e) = added {
                 dev_warn!(
@@ -338,7 +409,7 @@ impl<P: Platform> VirtioMem<P> {
                 continue;
             }
             let (pfn, nr) = self.bbm_mb_pages(bb, mb);
-            if let Err(stop) = self.fake_offline(pfn, nr) {
+            if let Err(stop) = self.fake_offline(&mut g.counters, pfn, nr) {
                 if matches!(stop, Stop::RetryLater) {
                     g.last_busy = Some((pfn, nr));
                 }
@@ -347,7 +418,7 @@ impl<P: Platform> VirtioMem<P> {
             }
         }
         let (addr, size) = (self.geo.bb_addr(bb), self.geo.bb_size);
-        let (ng, res) = unlocked(g, || self.platform.offline_and_remove(addr, size));
+        let (ng, res) = self.remove_unlocked(g, addr, size);
         g = ng;
         if let Err(e) = res {
             dev_dbg!(

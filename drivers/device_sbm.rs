@@ -5,13 +5,15 @@
 //! are added whole and their subblocks plugged, (fake) onlined, fake-offlined and unplugged
 //! one by one (the bookkeeping is `sbm.rs`).
 
-use super::{unlocked, unplug_stop, Inner, MemEvent, NotifyAnswer, Stop, VirtioMem, Worker};
+use super::{unplug_stop, Inner, MemEvent, NotifyAnswer, Stop, VirtioMem, Worker};
 use crate::{
     config::Geometry,
     platform::Platform,
     protocol::{self, RequestType},
     sbm::{MbState, OnlineCursor, PlugStep, Plugged, Sbm, UnplugStep},
+    status::Usage,
 };
+use core::fmt::{self, Write};
 use kernel::{
     alloc::{KVVec, KVec},
     device::Device,
@@ -64,6 +66,64 @@ impl<P: Platform> Worker<P> for SbmState {
 
     fn plugged_end(&self, geo: &Geometry) -> Option<u64> {
         self.plugged_end().map(|(mb, sb)| geo.sb_addr(mb, sb))
+    }
+
+    fn usage(&self, geo: &Geometry) -> Usage {
+        let mut u = Usage::default();
+        for mb in 0..self.nr_mbs() {
+            let bytes = (self.nr_plugged(mb) as u64) << geo.sb_shift();
+            match self.state(mb) {
+                MbState::Movable | MbState::MovablePartial => {
+                    u.online += bytes;
+                    u.movable += bytes;
+                }
+                MbState::Kernel | MbState::KernelPartial => u.online += bytes,
+                MbState::Unused | MbState::Plugged | MbState::Offline | MbState::OfflinePartial => {
+                    u.offline += bytes
+                }
+            }
+        }
+        u
+    }
+
+    fn added_offline(&self) -> usize {
+        self.offline_mbs()
+    }
+
+    fn write_blocks(&self, geo: &Geometry, w: &mut impl Write) -> fmt::Result {
+        for mb in 0..self.nr_mbs() {
+            let state = self.state(mb);
+            let (what, zone) = match state {
+                MbState::Unused => continue,
+                MbState::Plugged => ("plugged", "-"),
+                MbState::Offline | MbState::OfflinePartial => ("offline", "-"),
+                MbState::Kernel | MbState::KernelPartial => ("online", "kernel"),
+                MbState::Movable | MbState::MovablePartial => ("online", "movable"),
+            };
+            write!(
+                w,
+                "{:#x} {} {} {}/{} ",
+                geo.mb_addr(mb),
+                what,
+                zone,
+                self.nr_plugged(mb),
+                self.sbs_per_mb()
+            )?;
+            // The subblock bitmap in hex, highest subblock first.
+            for word in self.plugged_words(mb).iter().rev() {
+                write!(w, "{:016x}", word)?;
+            }
+            writeln!(
+                w,
+                "{}",
+                if self.in_transition(mb) {
+                    " in_transition"
+                } else {
+                    ""
+                }
+            )?;
+        }
+        Ok(())
     }
 
     fn set_usable(&mut self, geo: &Geometry, usable: u64) {
@@ -148,7 +208,7 @@ impl<P: Platform> VirtioMem<P> {
 
                     let addr = self.geo.mb_addr(mb);
                     let size = self.geo.memory_block_size;
-                    let (ng, added) = unlocked(g, || self.platform.add_memory(addr, size));
+                    let (ng, added) = self.add_unlocked(g, addr, size);
                     g = ng;
 
                     if let Err(e) = added {
@@ -301,7 +361,7 @@ impl<P: Platform> VirtioMem<P> {
     ) -> Result<(), Stop> {
         let pfn = self.sb_pfn(mb, first);
         let nr = self.sb_pages(count);
-        if let Err(stop) = self.fake_offline(pfn, nr) {
+        if let Err(stop) = self.fake_offline(&mut g.counters, pfn, nr) {
             if matches!(stop, Stop::RetryLater) {
                 g.last_busy = Some((pfn, nr));
             }
@@ -335,7 +395,7 @@ impl<P: Platform> VirtioMem<P> {
     fn sbm_remove_block<'a>(&'a self, g: SbmGuard<'a, P>, mb: usize) -> (SbmGuard<'a, P>, bool) {
         let addr = self.geo.mb_addr(mb);
         let size = self.geo.memory_block_size;
-        let (mut g, res) = unlocked(g, || self.platform.offline_and_remove(addr, size));
+        let (mut g, res) = self.remove_unlocked(g, addr, size);
         match res {
             Ok(()) => {
                 g.mode.removed(mb);

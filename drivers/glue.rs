@@ -30,14 +30,16 @@ use crate::{
     device::{MemEvent, NotifyAnswer, PmEvent},
     headroom::MemInfo,
     platform::{Platform, Transport},
-    protocol::{REQUEST_SIZE, RESPONSE_SIZE},
+    protocol::{RequestType, REQUEST_SIZE, RESPONSE_SIZE},
+    status::{Answer, Attr, Holder},
 };
-use core::ptr::NonNull;
+use core::{fmt, ptr::NonNull};
 use kernel::{
     bindings,
+    debugfs::{Dir, File},
     device::Device,
     error::{from_result, to_result},
-    ffi::{c_int, c_uint, c_ulong, c_void},
+    ffi::{c_char, c_int, c_uint, c_ulong, c_void},
     impl_has_hr_timer, new_mutex,
     page::{PAGE_SHIFT, PAGE_SIZE},
     prelude::*,
@@ -92,6 +94,32 @@ extern "C" {
     fn vmr_glue_fake_offline(pfn: c_ulong, nr_pages: c_ulong) -> c_int;
     fn vmr_glue_is_movable(pfn: c_ulong) -> bool;
     fn vmr_glue_explain_busy(glue: *mut RawGlue, pfn: c_ulong, nr_pages: c_ulong);
+    fn vmr_glue_find_holder(pfn: c_ulong, nr_pages: c_ulong) -> c_int;
+    fn vmr_glue_pages_migrated() -> u64;
+    fn vmr_glue_now_ns() -> u64;
+    fn vmr_glue_auto_online() -> c_int;
+    fn vmr_glue_trace_request(
+        glue: *mut RawGlue,
+        ty: u16,
+        addr: u64,
+        nb_blocks: u16,
+        answer: u32,
+        ns: u64,
+    );
+    fn vmr_glue_trace_round(
+        glue: *mut RawGlue,
+        requested: u64,
+        before: u64,
+        after: u64,
+        stop: *const c_char,
+    );
+    fn vmr_glue_trace_unplug_online(
+        glue: *mut RawGlue,
+        pfn: c_ulong,
+        nr_pages: c_ulong,
+        result: c_int,
+        ns: u64,
+    );
     fn vmr_glue_offline_and_remove(addr: u64, size: u64) -> c_int;
     fn vmr_glue_drop_slab() -> bool;
     fn vmr_glue_mem_info(
@@ -140,6 +168,7 @@ pub(crate) fn register_driver() -> Result {
     unsafe {
         CALLBACK_OWNER.init();
         DEVICES.init();
+        DEBUGFS.init();
     }
     // SAFETY: no precondition; called once from module init.
     to_result(unsafe { vmr_glue_register_driver() })
@@ -436,6 +465,50 @@ impl Platform for Glue {
         // SAFETY: `self.raw` is live (type invariant); the caller passes pages of an online
         // block of the device (they have a memmap).
         unsafe { vmr_glue_explain_busy(self.raw.get(), pfn as c_ulong, nr as c_ulong) }
+    }
+
+    fn find_holder(&self, pfn: u64, nr: u64) -> Option<Holder> {
+        // SAFETY: the caller passes pages of an online block of the device (they have a
+        // memmap).
+        let code = unsafe { vmr_glue_find_holder(pfn as c_ulong, nr as c_ulong) };
+        u32::try_from(code).ok().and_then(Holder::from_code)
+    }
+
+    fn pages_migrated(&self) -> u64 {
+        // SAFETY: no precondition.
+        unsafe { vmr_glue_pages_migrated() }
+    }
+
+    fn now_ns(&self) -> u64 {
+        // SAFETY: no precondition.
+        unsafe { vmr_glue_now_ns() }
+    }
+
+    fn auto_online(&self) -> Option<bool> {
+        // SAFETY: no precondition.
+        match unsafe { vmr_glue_auto_online() } {
+            0 => Some(false),
+            1 => Some(true),
+            _ => None,
+        }
+    }
+
+    fn trace_request(&self, ty: RequestType, addr: u64, nb: u16, answer: Answer, ns: u64) {
+        // SAFETY: `self.raw` is live (type invariant).
+        unsafe { vmr_glue_trace_request(self.raw.get(), ty as u16, addr, nb, answer as u32, ns) }
+    }
+
+    fn trace_round(&self, requested: u64, before: u64, after: u64, why: &'static CStr) {
+        // SAFETY: `self.raw` is live (type invariant); `why` is a NUL-terminated string the
+        // event copies.
+        unsafe { vmr_glue_trace_round(self.raw.get(), requested, before, after, why.as_char_ptr()) }
+    }
+
+    fn trace_unplug_online(&self, pfn: u64, nr: u64, result: i32, ns: u64) {
+        // SAFETY: `self.raw` is live (type invariant).
+        unsafe {
+            vmr_glue_trace_unplug_online(self.raw.get(), pfn as c_ulong, nr as c_ulong, result, ns)
+        }
     }
 
     fn online_pages(&self, pfn: u64, order: u32) {
@@ -742,6 +815,151 @@ unsafe extern "C" fn vmr_rs_device_ram(rust: *const c_void, list: *mut c_void) -
         })?;
         Ok(0)
     })
+}
+
+/// Writes into a buffer of the glue's, cutting what does not fit.
+struct BufWriter<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl fmt::Write for BufWriter<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let room = self.buf.len() - self.len;
+        let n = s.len().min(room);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        if n < s.len() {
+            return Err(fmt::Error);
+        }
+        Ok(())
+    }
+}
+
+/// A sysfs attribute of the `virtio_mem` group, by file name, into `buf` (`size` bytes):
+/// the length written, or `-EINVAL` for a name the driver does not know.
+///
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe`, not yet released; `name` is a NUL-terminated string
+/// and `buf` is valid for writes of `size` bytes, both the caller's during the call.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_show(
+    rust: *const c_void,
+    name: *const c_char,
+    buf: *mut u8,
+    size: usize,
+) -> isize {
+    // SAFETY: function safety.
+    let vm = unsafe { borrow(rust) };
+    // SAFETY: `name` is NUL-terminated and lives during the call (function safety).
+    let name = unsafe { CStr::from_char_ptr(name) };
+    let Some(attr) = Attr::from_name(name.to_bytes()) else {
+        return EINVAL.to_errno() as isize;
+    };
+    let mut w = BufWriter {
+        // SAFETY: `buf` is valid for writes of `size` bytes during the call (function
+        // safety), and nothing else uses it meanwhile.
+        buf: unsafe { core::slice::from_raw_parts_mut(buf, size) },
+        len: 0,
+    };
+    // A value cut at the page's end is shown cut (none is near that long).
+    let _ = vm.show(attr, &mut w);
+    w.len as isize
+}
+
+/// A device's files in debugfs (`virtio_mem_rust/<device>/`): removed when dropped.
+struct Debugfs {
+    /// The device's `rust` pointer, as the glue knows it.
+    rust: usize,
+    _dir: Dir,
+    _files: [Pin<KBox<File<Arc<VirtioMem>>>>; 3],
+}
+
+/// The driver's debugfs directory, and each bound device's files in it.
+struct DebugfsDevices {
+    root: Option<Dir>,
+    devices: KVec<Debugfs>,
+}
+
+kernel::sync::global_lock! {
+    // SAFETY: initialised in `register_driver`, before any device can probe.
+    unsafe(uninit) static DEBUGFS: Mutex<DebugfsDevices> =
+        DebugfsDevices { root: None, devices: KVec::new() };
+}
+
+/// Makes the device's debugfs files: `status` (every attribute of one snapshot), `blocks`
+/// (one line per block in use), `retry` (the retry schedule).
+fn debugfs_files(dir: &Dir, vm: &Arc<VirtioMem>) -> Result<[Pin<KBox<File<Arc<VirtioMem>>>>; 3]> {
+    Ok([
+        KBox::pin_init(
+            dir.read_callback_file(c"status", vm.clone(), &|vm: &Arc<VirtioMem>, f| {
+                vm.write_status(f)
+            }),
+            GFP_KERNEL,
+        )?,
+        KBox::pin_init(
+            dir.read_callback_file(c"blocks", vm.clone(), &|vm: &Arc<VirtioMem>, f| {
+                vm.write_blocks(f)
+            }),
+            GFP_KERNEL,
+        )?,
+        KBox::pin_init(
+            dir.read_callback_file(c"retry", vm.clone(), &|vm: &Arc<VirtioMem>, f| {
+                vm.write_retry(f)
+            }),
+            GFP_KERNEL,
+        )?,
+    ])
+}
+
+/// The device at `rust`, named `name`, gets its debugfs files. Without them (no debugfs,
+/// no memory) the driver works the same: nothing is returned.
+///
+/// # Safety
+///
+/// `rust` comes from `vmr_rs_probe`, not yet released; `name` is a NUL-terminated string,
+/// the caller's during the call.
+#[no_mangle]
+unsafe extern "C" fn vmr_rs_debugfs_init(rust: *const c_void, name: *const c_char) {
+    // SAFETY: function safety.
+    let vm: Arc<VirtioMem> = unsafe { borrow(rust) }.into();
+    // SAFETY: `name` is NUL-terminated and lives during the call (function safety).
+    let name = unsafe { CStr::from_char_ptr(name) };
+    let mut d = DEBUGFS.lock();
+    let root = d.root.get_or_insert_with(|| Dir::new(c"virtio_mem_rust"));
+    let dir = root.subdir(name);
+    let Ok(files) = debugfs_files(&dir, &vm) else {
+        return;
+    };
+    let entry = Debugfs {
+        rust: rust as usize,
+        _dir: dir,
+        _files: files,
+    };
+    if d.devices.push(entry, GFP_KERNEL).is_err() {
+        pr_warn!("no debugfs files for {:?}: out of memory\n", name);
+    }
+}
+
+/// The device at `rust` loses its debugfs files (removing them waits for readers under
+/// way); the last device takes the directory with it.
+#[no_mangle]
+extern "C" fn vmr_rs_debugfs_exit(rust: *const c_void) {
+    let gone = {
+        let mut d = DEBUGFS.lock();
+        let gone = d
+            .devices
+            .iter()
+            .position(|e| e.rust == rust as usize)
+            .and_then(|i| d.devices.remove(i).ok());
+        if d.devices.is_empty() {
+            d.root = None;
+        }
+        gone
+    };
+    // The files go (and their references to the device) without the lock.
+    drop(gone);
 }
 
 /// Drops the glue's reference: nothing calls back with `rust` any more.

@@ -14,9 +14,10 @@
 use crate::{
     config::{Limits, ModeParams, RawConfig},
     headroom::MemInfo,
-    protocol::{REQUEST_SIZE, RESPONSE_SIZE},
+    protocol::{RequestType, REQUEST_SIZE, RESPONSE_SIZE},
+    status::{Answer, Holder},
 };
-use kernel::prelude::*;
+use kernel::{prelude::*, str::CStr};
 
 /// A virtio-mem device's config space and request queue. One request at a time: the
 /// transport lives inside the device's mutex.
@@ -92,6 +93,36 @@ pub(crate) trait Platform: Send + Sync + Sized + 'static {
     fn mem_info(&self) -> MemInfo;
     /// Logs what keeps pages from being freed.
     fn explain_busy(&self, pfn: u64, nr: u64);
+    /// What keeps pages `pfn .. pfn + nr` from being freed: the first page in use there
+    /// that is not movable, classified; `None` if every page in use is movable. Nothing is
+    /// logged.
+    fn find_holder(&self, _pfn: u64, _nr: u64) -> Option<Holder> {
+        None
+    }
+    /// Pages migrated by core mm since boot (`pgmigrate_success`), to count what the
+    /// driver's `alloc_contig_range` calls moved.
+    fn pages_migrated(&self) -> u64 {
+        0
+    }
+    /// A monotonic clock, in nanoseconds.
+    fn now_ns(&self) -> u64 {
+        0
+    }
+    /// Whether core mm onlines hot-added memory by itself (`memhp_default_state`);
+    /// `None` if this kernel does not say (a module cannot ask).
+    fn auto_online(&self) -> Option<bool> {
+        None
+    }
+
+    /// Trace events (`virtio_mem_rust:*` in tracefs; the glue defines them). A request and
+    /// its answer, with the time it was in flight.
+    fn trace_request(&self, _ty: RequestType, _addr: u64, _nb: u16, _answer: Answer, _ns: u64) {}
+    /// A worker round: the requested size, what was plugged before and after, why it
+    /// stopped.
+    fn trace_round(&self, _requested: u64, _before: u64, _after: u64, _why: &'static CStr) {}
+    /// One try to take online pages `pfn .. pfn + nr` (`alloc_contig_range`): its result
+    /// (0 or a negative errno) and how long it took.
+    fn trace_unplug_online(&self, _pfn: u64, _nr: u64, _result: i32, _ns: u64) {}
 
     /// From the online page callback: plugged pages go to the buddy.
     fn online_pages(&self, pfn: u64, order: u32);

@@ -49,6 +49,11 @@ impl Backoff {
         }
     }
 
+    /// Failed rounds in a row.
+    pub(crate) const fn failed_rounds(&self) -> u32 {
+        self.failed_rounds
+    }
+
     /// A round made progress.
     pub(crate) fn reset(&mut self) {
         *self = Self::new();

@@ -295,6 +295,20 @@ impl<W: DerefMut<Target = [u64]>> Sbm<W> {
         }
     }
 
+    /// The subblock bitmap of block `mb`, lowest subblock first (bit 0 of word 0).
+    pub(crate) fn plugged_words(&self, mb: usize) -> &[u64] {
+        let b = self.base(mb) + 1;
+        &self.words[b..b + self.words_per_mb]
+    }
+
+    /// How many subblocks of block `mb` are plugged.
+    pub(crate) fn nr_plugged(&self, mb: usize) -> usize {
+        self.plugged_words(mb)
+            .iter()
+            .map(|w| w.count_ones() as usize)
+            .sum()
+    }
+
     /// Runs (first, count) of unplugged subblocks of block `mb`, lowest first.
     pub(crate) fn unplugged_runs(&self, mb: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
         let n = self.sbs_per_mb;

@@ -22,6 +22,7 @@
 #include <linux/ioport.h>
 #include <linux/freezer.h>
 #include <linux/jiffies.h>
+#include <linux/ktime.h>
 #include <linux/kthread.h>
 #include <linux/memory.h>
 #include <linux/memory_hotplug.h>
@@ -34,12 +35,16 @@
 #include <linux/suspend.h>
 #include <linux/virtio.h>
 #include <linux/virtio_config.h>
+#include <linux/vmstat.h>
 #include <linux/wait.h>
 #include <linux/workqueue.h>
 #include <acpi/acpi_numa.h>
 
 #include "../include-uapi/linux/virtio_mem.h"
 #include "virtio_mem_glue.h"
+
+#define CREATE_TRACE_POINTS
+#include "virtio_mem_rust_trace.h"
 
 struct vmr_glue {
 	struct virtio_device *vdev;
@@ -84,6 +89,7 @@ struct vmr_glue {
 	struct resource *parent_resource;
 	int mgid;
 	bool on_device_list;
+	bool sysfs_group;
 	u64 addr, size;
 
 	void *rust;
@@ -489,18 +495,20 @@ int vmr_glue_fake_offline(unsigned long pfn, unsigned long nr_pages)
 }
 
 /*
- * Says in the log what keeps [pfn, pfn + nr_pages) from being freed: the first page that
- * is in use and not ours, and either not on an LRU list (not movable) or held there by a
- * pin or references beyond its mappings, with dump_page() for details.
+ * What keeps [pfn, pfn + nr_pages) from being freed: the first page that is in use and not
+ * ours, and either not on an LRU list (not movable) or held there by a pin or references
+ * beyond its mappings. Returns its enum vmr_holder and sets *holder_pfn, or -1 if every
+ * page in use is movable.
  */
-void vmr_glue_explain_busy(struct vmr_glue *glue, unsigned long pfn, unsigned long nr_pages)
+static int vmr_find_holder(unsigned long pfn, unsigned long nr_pages,
+			   unsigned long *holder_pfn)
 {
 	unsigned long i;
 
 	for (i = 0; i < nr_pages; i++) {
 		struct page *page = pfn_to_page(pfn + i);
 		struct folio *folio;
-		const char *kind;
+		int kind;
 
 		if (PageBuddy(page) || PageOffline(page))
 			continue;
@@ -509,34 +517,126 @@ void vmr_glue_explain_busy(struct vmr_glue *glue, unsigned long pfn, unsigned lo
 		 * Slab pages and large kmallocs have refcount 0 on this kernel (7.2), as have
 		 * free pages on the per-CPU lists: name the former before skipping the latter.
 		 */
-		if (folio_test_slab(folio))
-			kind = "a slab page";
-		else if (folio_test_large_kmalloc(folio))
-			kind = "a large kmalloc";
-		else if (folio_test_lru(folio) && folio_maybe_dma_pinned(folio))
-			kind = "a pinned user page";
-		/* An anonymous page holds a reference per mapping (and the swap cache's). */
-		else if (folio_test_lru(folio) && folio_test_anon(folio) &&
-			 folio_ref_count(folio) > folio_mapcount(folio) +
-			 (folio_test_swapcache(folio) ? folio_nr_pages(folio) : 0))
-			kind = "a user page with extra references (spliced into a pipe, I/O in flight)";
-		else if (folio_test_lru(folio) || !folio_ref_count(folio))
+		if (folio_test_slab(folio)) {
+			kind = VMR_HOLDER_SLAB;
+		} else if (folio_test_large_kmalloc(folio)) {
+			kind = VMR_HOLDER_LARGE_KMALLOC;
+		} else if (folio_test_lru(folio)) {
+			if (folio_maybe_dma_pinned(folio))
+				kind = VMR_HOLDER_PINNED_USER;
+			/* An anonymous page holds a reference per mapping (and the swap cache's). */
+			else if (folio_test_anon(folio) &&
+				 folio_ref_count(folio) > folio_mapcount(folio) +
+				 (folio_test_swapcache(folio) ? folio_nr_pages(folio) : 0))
+				kind = VMR_HOLDER_USER_EXTRA_REFS;
+			else
+				continue;
+		} else if (!folio_ref_count(folio)) {
 			continue;
-		else if (PageTable(page))
-			kind = "a page table";
-		else if (PageReserved(page))
-			kind = "a reserved page";
-		else if (folio_mapped(folio))
-			kind = "a mapped page not on an LRU list";
-		else
-			kind = "a kernel allocation (e.g. a kernel stack)";
-		dev_info(&glue->vdev->dev, "pfn %#lx (%#llx) holds the memory: %s, refcount %d\n",
-			 pfn + i, (u64)PFN_PHYS(pfn + i), kind, folio_ref_count(folio));
-		dump_page(page, "virtio_mem_rust: keeps memory from being unplugged");
+		} else if (PageTable(page)) {
+			kind = VMR_HOLDER_PAGE_TABLE;
+		} else if (PageReserved(page)) {
+			kind = VMR_HOLDER_RESERVED;
+		} else if (folio_mapped(folio)) {
+			kind = VMR_HOLDER_MAPPED;
+		} else {
+			kind = VMR_HOLDER_KERNEL;
+		}
+		*holder_pfn = pfn + i;
+		return kind;
+	}
+	return -1;
+}
+
+int vmr_glue_find_holder(unsigned long pfn, unsigned long nr_pages)
+{
+	unsigned long holder;
+
+	return vmr_find_holder(pfn, nr_pages, &holder);
+}
+
+/* Says in the log what keeps [pfn, pfn + nr_pages) from being freed, with dump_page(). */
+void vmr_glue_explain_busy(struct vmr_glue *glue, unsigned long pfn, unsigned long nr_pages)
+{
+	static const char * const kinds[] = {
+		[VMR_HOLDER_SLAB] = "a slab page",
+		[VMR_HOLDER_LARGE_KMALLOC] = "a large kmalloc",
+		[VMR_HOLDER_PINNED_USER] = "a pinned user page",
+		[VMR_HOLDER_USER_EXTRA_REFS] =
+			"a user page with extra references (spliced into a pipe, I/O in flight)",
+		[VMR_HOLDER_PAGE_TABLE] = "a page table",
+		[VMR_HOLDER_RESERVED] = "a reserved page",
+		[VMR_HOLDER_MAPPED] = "a mapped page not on an LRU list",
+		[VMR_HOLDER_KERNEL] = "a kernel allocation (e.g. a kernel stack)",
+	};
+	unsigned long holder;
+	struct page *page;
+	int kind;
+
+	kind = vmr_find_holder(pfn, nr_pages, &holder);
+	if (kind < 0) {
+		dev_info(&glue->vdev->dev, "pfns %#lx..%#lx: nothing unmovable left; retrying\n",
+			 pfn, pfn + nr_pages - 1);
 		return;
 	}
-	dev_info(&glue->vdev->dev, "pfns %#lx..%#lx: nothing unmovable left; retrying\n",
-		 pfn, pfn + nr_pages - 1);
+	page = pfn_to_page(holder);
+	dev_info(&glue->vdev->dev, "pfn %#lx (%#llx) holds the memory: %s, refcount %d\n",
+		 holder, (u64)PFN_PHYS(holder), kinds[kind], folio_ref_count(page_folio(page)));
+	dump_page(page, "virtio_mem_rust: keeps memory from being unplugged");
+}
+
+/*
+ * Pages core mm migrated since boot (pgmigrate_success), summed without the CPU hotplug
+ * lock (the worker holds its mutex, which memory hotplug takes under that lock).
+ */
+u64 vmr_glue_pages_migrated(void)
+{
+#if defined(CONFIG_VM_EVENT_COUNTERS) && defined(CONFIG_MIGRATION)
+	u64 sum = 0;
+	int cpu;
+
+	for_each_possible_cpu(cpu)
+		sum += per_cpu(vm_event_states, cpu).event[PGMIGRATE_SUCCESS];
+	return sum;
+#else
+	return 0;
+#endif
+}
+
+u64 vmr_glue_now_ns(void)
+{
+	return ktime_get_ns();
+}
+
+/* 1 if core mm onlines hot-added memory itself, 0 if not, -1 if a module cannot ask. */
+int vmr_glue_auto_online(void)
+{
+#ifdef MODULE
+	return -1;
+#else
+	return mhp_get_default_online_type() != MMOP_OFFLINE;
+#endif
+}
+
+void vmr_glue_trace_request(struct vmr_glue *glue, u16 type, u64 addr, u16 nb_blocks,
+			    u32 answer, u64 ns)
+{
+	trace_virtio_mem_rust_request(dev_name(&glue->vdev->dev), type, addr, nb_blocks, answer,
+				      div_u64(ns, NSEC_PER_USEC));
+}
+
+void vmr_glue_trace_round(struct vmr_glue *glue, u64 requested, u64 before, u64 after,
+			  const char *stop)
+{
+	trace_virtio_mem_rust_round(dev_name(&glue->vdev->dev), requested, before, after, stop);
+}
+
+void vmr_glue_trace_unplug_online(struct vmr_glue *glue, unsigned long pfn,
+				  unsigned long nr_pages, int result, u64 ns)
+{
+	trace_virtio_mem_rust_unplug_online(dev_name(&glue->vdev->dev), PFN_PHYS(pfn),
+					    PFN_PHYS(nr_pages), result,
+					    div_u64(ns, NSEC_PER_USEC));
 }
 
 bool vmr_glue_is_movable(unsigned long pfn)
@@ -733,6 +833,110 @@ static void vmr_unregister_vmcore(struct vmr_glue *glue)
 }
 
 /* Undoes vmr_rs_probe() when probe fails after it (the worker never ran). */
+/* ---- sysfs: the virtio_mem group of the virtio device ---------------------------------- */
+
+/*
+ * One value per file, formatted by the Rust side from its last published snapshot (never
+ * waits on a device request). The names are the Rust side's (status.rs), which it looks up:
+ * Documentation/ABI/testing/sysfs-bus-virtio-drivers-virtio_mem_rust documents each.
+ */
+static ssize_t vmr_attr_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	struct vmr_glue *glue = dev_to_virtio(dev)->priv;
+
+	return vmr_rs_show(glue->rust, attr->attr.name, buf, PAGE_SIZE);
+}
+
+#define VMR_ATTR(_name) \
+	static struct device_attribute vmr_attr_##_name = __ATTR(_name, 0444, vmr_attr_show, NULL)
+VMR_ATTR(region_start);
+VMR_ATTR(region_size);
+VMR_ATTR(usable_region_size);
+VMR_ATTR(block_size);
+VMR_ATTR(subblock_size);
+VMR_ATTR(memory_block_size);
+VMR_ATTR(mode);
+VMR_ATTR(node);
+VMR_ATTR(requested_size);
+VMR_ATTR(plugged_size);
+VMR_ATTR(device_plugged_size);
+VMR_ATTR(online_size);
+VMR_ATTR(offline_size);
+VMR_ATTR(movable_size);
+VMR_ATTR(state);
+VMR_ATTR(failed_rounds);
+VMR_ATTR(next_retry_ms);
+VMR_ATTR(blocked_by);
+VMR_ATTR(requests_plug);
+VMR_ATTR(requests_unplug);
+VMR_ATTR(requests_unplug_all);
+VMR_ATTR(requests_state);
+VMR_ATTR(answers_ack);
+VMR_ATTR(answers_nack);
+VMR_ATTR(answers_busy);
+VMR_ATTR(answers_error);
+VMR_ATTR(answers_invalid);
+VMR_ATTR(answers_timeout);
+VMR_ATTR(bytes_plugged);
+VMR_ATTR(bytes_unplugged);
+VMR_ATTR(bytes_migrated);
+VMR_ATTR(alloc_contig_range_failures);
+VMR_ATTR(drop_slab_calls);
+VMR_ATTR(memory_blocks_added);
+VMR_ATTR(memory_blocks_removed);
+
+static struct attribute *vmr_attrs[] = {
+	&vmr_attr_region_start.attr,
+	&vmr_attr_region_size.attr,
+	&vmr_attr_usable_region_size.attr,
+	&vmr_attr_block_size.attr,
+	&vmr_attr_subblock_size.attr,
+	&vmr_attr_memory_block_size.attr,
+	&vmr_attr_mode.attr,
+	&vmr_attr_node.attr,
+	&vmr_attr_requested_size.attr,
+	&vmr_attr_plugged_size.attr,
+	&vmr_attr_device_plugged_size.attr,
+	&vmr_attr_online_size.attr,
+	&vmr_attr_offline_size.attr,
+	&vmr_attr_movable_size.attr,
+	&vmr_attr_state.attr,
+	&vmr_attr_failed_rounds.attr,
+	&vmr_attr_next_retry_ms.attr,
+	&vmr_attr_blocked_by.attr,
+	&vmr_attr_requests_plug.attr,
+	&vmr_attr_requests_unplug.attr,
+	&vmr_attr_requests_unplug_all.attr,
+	&vmr_attr_requests_state.attr,
+	&vmr_attr_answers_ack.attr,
+	&vmr_attr_answers_nack.attr,
+	&vmr_attr_answers_busy.attr,
+	&vmr_attr_answers_error.attr,
+	&vmr_attr_answers_invalid.attr,
+	&vmr_attr_answers_timeout.attr,
+	&vmr_attr_bytes_plugged.attr,
+	&vmr_attr_bytes_unplugged.attr,
+	&vmr_attr_bytes_migrated.attr,
+	&vmr_attr_alloc_contig_range_failures.attr,
+	&vmr_attr_drop_slab_calls.attr,
+	&vmr_attr_memory_blocks_added.attr,
+	&vmr_attr_memory_blocks_removed.attr,
+	NULL,
+};
+
+static const struct attribute_group vmr_attr_group = {
+	.name = "virtio_mem",
+	.attrs = vmr_attrs,
+};
+
+/* Removing the group waits for readers under way: none comes after this. */
+static void vmr_remove_sysfs(struct vmr_glue *glue)
+{
+	if (glue->sysfs_group)
+		device_remove_group(&glue->vdev->dev, &vmr_attr_group);
+	glue->sysfs_group = false;
+}
+
 static void vmr_probe_undo_rust(struct vmr_glue *glue)
 {
 	WRITE_ONCE(glue->removing, true);
@@ -799,6 +1003,12 @@ static int vmr_probe(struct virtio_device *vdev)
 	}
 
 	virtio_device_ready(vdev);
+	/* What the driver does is shown, not needed: a failure is only logged. */
+	rc = device_add_group(&vdev->dev, &vmr_attr_group);
+	if (rc)
+		dev_warn(&vdev->dev, "no virtio_mem attributes in sysfs: %d\n", rc);
+	glue->sysfs_group = !rc;
+	vmr_rs_debugfs_init(glue->rust, dev_name(&vdev->dev));
 	if (glue->kdump)
 		vmr_register_vmcore(glue);
 	else
@@ -819,8 +1029,10 @@ static void vmr_remove(struct virtio_device *vdev)
 {
 	struct vmr_glue *glue = vdev->priv;
 
-	/* Waits for callbacks under way: none comes after this. */
+	/* Waits for callbacks and readers under way: none comes after this. */
 	vmr_unregister_vmcore(glue);
+	vmr_remove_sysfs(glue);
+	vmr_rs_debugfs_exit(glue->rust);
 	if (glue->pm_notifier_registered)
 		unregister_pm_notifier(&glue->pm_notifier);
 	WRITE_ONCE(glue->removing, true);

@@ -40,6 +40,21 @@ enum vmr_pm_event { VMR_PM_HIBERNATION_PREPARE, VMR_PM_RESTORE_PREPARE, VMR_PM_O
 int vmr_rs_pm_event(void *rust, unsigned int event);
 bool vmr_rs_pfn_is_ram(void *rust, unsigned long pfn);
 int vmr_rs_device_ram(void *rust, void *list);
+ssize_t vmr_rs_show(void *rust, const char *name, char *buf, size_t size);
+void vmr_rs_debugfs_init(void *rust, const char *name);
+void vmr_rs_debugfs_exit(void *rust);
+
+/* What keeps a page from being freed (status.rs's Holder mirrors these, same order). */
+enum vmr_holder {
+	VMR_HOLDER_SLAB,
+	VMR_HOLDER_LARGE_KMALLOC,
+	VMR_HOLDER_PINNED_USER,
+	VMR_HOLDER_USER_EXTRA_REFS,
+	VMR_HOLDER_PAGE_TABLE,
+	VMR_HOLDER_RESERVED,
+	VMR_HOLDER_MAPPED,
+	VMR_HOLDER_KERNEL,
+};
 
 /* Implemented in virtio_mem_glue.c, called from Rust (glue.rs declares the same). */
 struct vmr_raw_config;
@@ -64,6 +79,16 @@ void vmr_glue_cancel_offline(unsigned long pfn, unsigned long nr_pages);
 int vmr_glue_fake_offline(unsigned long pfn, unsigned long nr_pages);
 bool vmr_glue_is_movable(unsigned long pfn);
 void vmr_glue_explain_busy(struct vmr_glue *glue, unsigned long pfn, unsigned long nr_pages);
+int vmr_glue_find_holder(unsigned long pfn, unsigned long nr_pages);
+u64 vmr_glue_pages_migrated(void);
+u64 vmr_glue_now_ns(void);
+int vmr_glue_auto_online(void);
+void vmr_glue_trace_request(struct vmr_glue *glue, u16 type, u64 addr, u16 nb_blocks,
+			    u32 answer, u64 ns);
+void vmr_glue_trace_round(struct vmr_glue *glue, u64 requested, u64 before, u64 after,
+			  const char *stop);
+void vmr_glue_trace_unplug_online(struct vmr_glue *glue, unsigned long pfn,
+				  unsigned long nr_pages, int result, u64 ns);
 int vmr_glue_offline_and_remove(u64 addr, u64 size);
 bool vmr_glue_drop_slab(void);
 void vmr_glue_mem_info(u64 *available, u64 *total, u64 *slab_reclaimable, u64 *active_file);

@@ -12,6 +12,7 @@
 //! - [`bbm`]: Big Block Mode bookkeeping: big block states, online memory blocks, unplug passes;
 //! - [`retry`]: the retry schedule;
 //! - [`headroom`]: what the guest keeps for itself while memory is unplugged;
+//! - [`status`]: what the driver tells an operator (sysfs, debugfs): state, sizes, counters;
 //! - [`device`]: one device: the worker, the memory notifier, the online page callback;
 //! - [`platform`]: what [`device`] needs from the device and from core mm;
 //! - [`glue`]: the only place that calls C (`virtio_mem_glue.c`): [`platform`] for real.
@@ -30,6 +31,7 @@ mod platform;
 mod protocol;
 mod retry;
 mod sbm;
+mod status;
 
 #[cfg(CONFIG_VIRTIO_MEM_RUST_KUNIT_TEST)]
 #[path = "../kunit/mock.rs"]

@@ -21,6 +21,8 @@ pub(crate) mod protocol;
 pub(crate) mod retry;
 #[path = "../../drivers/sbm.rs"]
 pub(crate) mod sbm;
+#[path = "../../drivers/status.rs"]
+pub(crate) mod status;
 
 // The KUnit suites and their mock device, run as host tests too, and QEMU's and core mm's
 // rules, which the mock and the property tests' model share.
