@@ -227,6 +227,9 @@ struct Inner<T, M> {
     /// unknown.
     unknown_mb: Option<usize>,
     removing: bool,
+    /// `remove` has begun: nothing is published any more (its removals leave memory
+    /// plugged that no bookkeeping shows).
+    going_away: bool,
     backoff: Backoff,
     waiting_for_online: bool,
     /// The requested size the device NACKed a plug at: no new try until it changes.
@@ -269,6 +272,7 @@ impl<T, M> Inner<T, M> {
             broken: false,
             unknown_mb: None,
             removing: false,
+            going_away: false,
             backoff: Backoff::new(),
             waiting_for_online: false,
             nacked_at: None,
@@ -327,6 +331,8 @@ pub(crate) struct View<'a> {
     pub(crate) waiting_for_online: bool,
     pub(crate) nacked_at: Option<u64>,
     pub(crate) frozen: bool,
+    /// The device is going away (`remove`).
+    pub(crate) removing: bool,
 }
 
 /// How a stop while unplugging is handled: the device does not NACK an unplug, so a NACK
@@ -518,6 +524,9 @@ impl<P: Platform> VirtioMem<P> {
     /// Called wherever the worker's bookkeeping agrees with its counters: before the lock
     /// is dropped, and at the end of a round or a notifier event.
     fn publish<M: Worker<P>>(&self, g: &Inner<P::Transport, M>) {
+        if g.going_away {
+            return;
+        }
         let s = Snapshot {
             state: g.state,
             requested: g.sizes.requested,
@@ -877,6 +886,8 @@ impl<P: Platform> VirtioMem<P> {
     /// can be removed (what depends on the mode). The glue has cancelled the worker
     /// already.
     pub(crate) fn remove(&self) {
+        // The sysfs attributes are gone already; the snapshot stays as it was.
+        with_inner!(self, |g| g.going_away = true);
         match &self.inner {
             Locked::Sbm(m) => self.sbm_remove(m.lock()),
             Locked::Bbm(m) => self.bbm_remove(m.lock()),
@@ -952,6 +963,7 @@ impl<P: Platform> VirtioMem<P> {
             waiting_for_online: g.waiting_for_online,
             nacked_at: g.nacked_at,
             frozen: g.frozen,
+            removing: g.going_away,
         }
     }
 

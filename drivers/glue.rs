@@ -868,12 +868,15 @@ unsafe extern "C" fn vmr_rs_show(
     w.len as isize
 }
 
+/// A debugfs file showing something of a device (it holds a reference to it).
+type DebugFile = Pin<KBox<File<Arc<VirtioMem>>>>;
+
 /// A device's files in debugfs (`virtio_mem_rust/<device>/`): removed when dropped.
 struct Debugfs {
     /// The device's `rust` pointer, as the glue knows it.
     rust: usize,
     _dir: Dir,
-    _files: [Pin<KBox<File<Arc<VirtioMem>>>>; 3],
+    _files: [DebugFile; 3],
 }
 
 /// The driver's debugfs directory, and each bound device's files in it.
@@ -890,7 +893,7 @@ kernel::sync::global_lock! {
 
 /// Makes the device's debugfs files: `status` (every attribute of one snapshot), `blocks`
 /// (one line per block in use), `retry` (the retry schedule).
-fn debugfs_files(dir: &Dir, vm: &Arc<VirtioMem>) -> Result<[Pin<KBox<File<Arc<VirtioMem>>>>; 3]> {
+fn debugfs_files(dir: &Dir, vm: &Arc<VirtioMem>) -> Result<[DebugFile; 3]> {
     Ok([
         KBox::pin_init(
             dir.read_callback_file(c"status", vm.clone(), &|vm: &Arc<VirtioMem>, f| {

@@ -31,15 +31,39 @@ use crate::{
     headroom::MemInfo,
     pages::{self, Move},
     platform::{Platform, Transport},
-    protocol::{REQUEST_SIZE, RESPONSE_SIZE},
+    protocol::{RequestType, REQUEST_SIZE, RESPONSE_SIZE},
     qemu::{self, Blocks, Invalid},
+    status::{self, Holder},
 };
 use kernel::{
     alloc::{KVVec, KVec},
     new_mutex,
     prelude::*,
+    str::CStr,
     sync::{Arc, Mutex},
 };
+
+/// A trace event the driver fired, as the mock recorded it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Trace {
+    Request {
+        ty: RequestType,
+        addr: u64,
+        nb: u16,
+        answer: status::Answer,
+    },
+    Round {
+        requested: u64,
+        before: u64,
+        after: u64,
+        why: &'static CStr,
+    },
+    UnplugOnline {
+        pfn: u64,
+        nr: u64,
+        result: i32,
+    },
+}
 
 /// Size of the mock's memory chunks: the pageblock size of [`mock_limits`].
 pub(crate) const CHUNK: u64 = 2 << 20;
@@ -183,6 +207,14 @@ pub(crate) struct State {
     pub(crate) freezing_asked: u32,
     /// Calls of `hotplug_init`.
     pub(crate) hotplug_inits: u32,
+    /// The clock the driver reads, in ms (tests move it).
+    pub(crate) now_ms: u64,
+    /// What `find_holder` answers.
+    pub(crate) holder: Option<Holder>,
+    /// Pages "migrated" so far: each fake-offline that succeeds moves the pages it takes.
+    pub(crate) migrated: u64,
+    /// Every trace event fired, in order.
+    pub(crate) traces: KVec<Trace>,
 }
 
 impl State {
@@ -394,6 +426,10 @@ pub(crate) fn new_mock(cfg: RawConfig) -> Result<(MockPlatform, MockTransport)> 
         freeze_after_tries: None,
         freezing_asked: 0,
         hotplug_inits: 0,
+        now_ms: 0,
+        holder: None,
+        migrated: 0,
+        traces: KVec::new(),
     };
     let shared = Arc::pin_init(
         pin_init!(Shared {
@@ -406,6 +442,13 @@ pub(crate) fn new_mock(cfg: RawConfig) -> Result<(MockPlatform, MockTransport)> 
 
 /// The mock's side of [`Platform`]: the memory model and the worker's scheduling.
 pub(crate) struct MockPlatform(pub(crate) Arc<Shared>);
+
+impl MockPlatform {
+    /// Records a trace event (out of memory only loses the record).
+    fn trace(&self, t: Trace) {
+        let _ = self.0.state.lock().traces.push(t, GFP_KERNEL);
+    }
+}
 
 /// The mock's side of [`Transport`]: the device.
 pub(crate) struct MockTransport(Arc<Shared>);
@@ -657,7 +700,42 @@ impl Platform for MockPlatform {
         }
         s.move_chunks(pfn, nr, Move::FakeOffline);
         s.available = s.available.saturating_sub(nr * PAGE);
+        s.migrated += nr;
         Ok(())
+    }
+
+    fn find_holder(&self, _pfn: u64, _nr: u64) -> Option<Holder> {
+        self.0.state.lock().holder
+    }
+
+    fn pages_migrated(&self) -> u64 {
+        self.0.state.lock().migrated
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.0.state.lock().now_ms * 1_000_000
+    }
+
+    fn trace_request(&self, ty: RequestType, addr: u64, nb: u16, answer: status::Answer, _ns: u64) {
+        self.trace(Trace::Request {
+            ty,
+            addr,
+            nb,
+            answer,
+        });
+    }
+
+    fn trace_round(&self, requested: u64, before: u64, after: u64, why: &'static CStr) {
+        self.trace(Trace::Round {
+            requested,
+            before,
+            after,
+            why,
+        });
+    }
+
+    fn trace_unplug_online(&self, pfn: u64, nr: u64, result: i32, _ns: u64) {
+        self.trace(Trace::UnplugOnline { pfn, nr, result });
     }
 
     fn is_movable(&self, _pfn: u64) -> bool {

@@ -544,6 +544,19 @@ mod worker {
                 prop_assert_eq!(driver % BB, 0, "not whole big blocks: {:#x}", driver);
                 prop_assert_eq!(s.fake_offline(), 0);
                 prop_assert!(driver <= s.cfg.usable_region_size);
+                drop(s);
+                // What sysfs shows: the driver's count, and a snapshot that agrees with
+                // itself.
+                let snap = f.vm.snapshot();
+                let c = &snap.counters;
+                prop_assert_eq!(snap.plugged, driver);
+                prop_assert_eq!(snap.usage.online + snap.usage.offline, driver, "{:?}", snap);
+                prop_assert!(snap.usage.movable <= snap.usage.online);
+                prop_assert_eq!(c.bytes_plugged - c.bytes_unplugged, driver);
+                prop_assert_eq!(
+                    c.answers.iter().sum::<u64>(),
+                    c.requests.iter().sum::<u64>()
+                );
             }
             // No more faults: the requested size, rounded down to whole big blocks.
             {

@@ -73,6 +73,7 @@ use crate::platform::{Platform, Transport};
 use crate::protocol::{split_run, RequestType, REQUEST_SIZE, RESPONSE_SIZE};
 use crate::qemu::{self, Blocks, Invalid};
 use crate::sbm::{MbState, Plugged};
+use crate::status::Snapshot;
 use kernel::{
     device::{Device, Level},
     error::{code::*, Error},
@@ -1376,7 +1377,8 @@ impl Sim {
         vm.view(|d| {
             let mut w = self.w();
             w.read_log();
-            w.check(d, when)
+            w.check(d, when);
+            check_snapshot(&vm.snapshot(), d, when);
         });
     }
 
@@ -3163,4 +3165,35 @@ fn suspend_refusal_says_why() {
     assert_eq!(vm.freeze(false), Ok(()));
     vm.restore();
     assert!(w.w().log.take_log().is_empty());
+}
+
+/// What the sysfs attributes show, checked wherever the worker's lock is free: the last
+/// published snapshot agrees with the driver's state and with itself (`ABI-virtio_mem_rust`
+/// promises these).
+fn check_snapshot(s: &Snapshot, d: &View<'_>, when: &str) {
+    assert_eq!(
+        s.plugged, d.plugged,
+        "{when}: published plugged size is stale"
+    );
+    // A broken device may hold memory of unknown state (a request without a valid answer):
+    // neither online nor offline.
+    if !d.broken && !d.removing {
+        assert_eq!(
+            s.usage.online + s.usage.offline,
+            s.plugged,
+            "{when}: online + offline != plugged in {s:?}"
+        );
+    }
+    assert!(s.usage.movable <= s.usage.online, "{when}: {s:?}");
+    let c = &s.counters;
+    assert_eq!(
+        c.bytes_plugged - c.bytes_unplugged,
+        s.plugged,
+        "{when}: bytes plugged - unplugged != plugged in {s:?}"
+    );
+    assert_eq!(
+        c.answers.iter().sum::<u64>(),
+        c.requests.iter().sum::<u64>(),
+        "{when}: a request without its answer in {s:?}"
+    );
 }
