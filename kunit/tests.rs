@@ -2122,7 +2122,7 @@ mod status_suite {
             .filter(|t| matches!(t, Trace::Request { .. }))
             .count();
         assert_eq!(requests, m.requests.len());
-        let rounds = m.traces.iter().filter_map(|t| match *t {
+        let mut rounds = m.traces.iter().filter_map(|t| match *t {
             Trace::Round {
                 requested,
                 before,
@@ -2131,7 +2131,10 @@ mod status_suite {
             } => Some((requested, before, after, why == c"done")),
             _ => None,
         });
-        assert_eq!(rounds.last(), Some((256 * MIB, 512 * MIB, 256 * MIB, true)));
+        assert_eq!(
+            rounds.next_back(),
+            Some((256 * MIB, 512 * MIB, 256 * MIB, true))
+        );
         assert!(m
             .traces
             .iter()
