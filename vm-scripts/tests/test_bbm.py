@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from observe import (attrs, block_lines, check_geometry, check_idle, counters_agree, snapshot,
+                     wait_attr)
 from test_boot import DRIVER, settle_memtotal, virtio_mem_ram
 from test_unplug import ram_down_to, resize
 from vmlib import GiB, GuestError, MiB, Vm, parse_size
@@ -40,13 +42,28 @@ def follow(vm: Vm, base: int, steps, timeout: float = 180) -> None:
 @pytest.mark.parametrize("block_size", ["128M", "256M", "1G"])
 def test_big_blocks_follow_the_requested_size(boot, block_size):
     """A device of 128 MiB, 256 MiB or 1 GiB blocks: Big Block Mode, big blocks of the
-    device block; 0 -> 4G -> 6G -> 2G -> 0 exact, with the memory in ZONE_MOVABLE."""
+    device block; 0 -> 4G -> 6G -> 2G -> 0 exact, with the memory in ZONE_MOVABLE; sysfs and
+    debugfs say so at each step."""
     vm = boot(block_size=block_size, append="memhp_default_state=online_movable")
     assert vm.bound_driver() == DRIVER
     line = probe_line(vm)
     assert "Big Block Mode" in line and f"big block {parse_size(block_size):#x}" in line, line
     base = vm.memtotal()
-    follow(vm, base, ("4G", "6G", "2G", "0G"))
+    bs = parse_size(block_size)
+    for size in ("4G", "6G", "2G", "0G"):
+        follow(vm, base, (size,))
+        # What sysfs and debugfs say: the big block as the unit, all of it movable, one
+        # line per big block with all its memory blocks online in ZONE_MOVABLE.
+        a = check_idle(vm, base, "online_movable")
+        mbs = bs // a["memory_block_size"]
+        blocks = block_lines(vm)
+        assert len(blocks) == parse_size(size) // bs and all(re.fullmatch(
+            rf"0x[0-9a-f]+ added movable online {mbs}/{mbs} movable {mbs}", b)
+            for b in blocks), blocks
+        if size == "4G":
+            check_geometry(vm, a, "Big Block Mode", bs)
+            assert a["block_size"] == bs
+    assert a["bytes_plugged"] == 6 * GiB and a["memory_blocks_removed"] == 48
     assert vm.zone_managed("Movable") == 0
 
 
@@ -148,10 +165,17 @@ def test_shrink_to_zero_idle_default_policy(boot):
     assert "alive" in vm.run("echo alive")
 
 
+# What blocked_by may name as the holder of a page (drivers/ABI-virtio_mem_rust).
+HOLDERS = {"slab", "large kmalloc", "pinned user page", "user page with extra references",
+           "page table", "reserved page", "mapped page not on an LRU list", "kernel allocation",
+           "movable pages that did not move"}
+
+
 def hold_and_shrink(vm: Vm, base: int) -> int:
     """2G plugged; a process holds 64 MiB of its memory with extra references (vmsplice:
     no migration can move those pages); shrink to 0. Returns what is left plugged once the
-    driver has retried twice: the big blocks it could not empty. The process lives on."""
+    driver has retried twice: the big blocks it could not empty; sysfs says `retrying` and
+    names the range and its holder, and the failed rounds grow. The process lives on."""
     follow(vm, base, ("2G",))
     # Detached (setsid): killing a job of the console's interactive ash made that shell
     # exit soon after in 1 of 3 tries, with or without any memory plugged.
@@ -168,6 +192,24 @@ def hold_and_shrink(vm: Vm, base: int) -> int:
     assert re.search(r"still 0x\w+ plugged of requested 0x0 after \d+ tries", dmesg)
     assert "holds the memory:" in dmesg
     assert settle_memtotal(vm, base + held) == base + held
+    # sysfs says so: retrying, the range that could not be freed (inside the device's
+    # region) and what holds it, failed rounds that grow, the time to the next one.
+    a = wait_attr(vm, lambda a: a["failed_rounds"] >= 2)
+    print({k: a[k] for k in ("state", "plugged_size", "failed_rounds", "next_retry_ms",
+                             "blocked_by", "alloc_contig_range_failures")})
+    assert a["state"] == "retrying" and a["failed_rounds"] >= 2, a
+    m = re.fullmatch(r"(0x[0-9a-f]+)-(0x[0-9a-f]+) (.+)", a["blocked_by"])
+    assert m, a["blocked_by"]
+    start, end = int(m.group(1), 16), int(m.group(2), 16)
+    region = int(a["region_start"], 16)
+    assert region <= start < end < region + a["region_size"]
+    assert m.group(3) in HOLDERS, a["blocked_by"]
+    assert int(a["next_retry_ms"]) <= 300_000 and a["alloc_contig_range_failures"] > 0, a
+    assert a["plugged_size"] == held
+    counters_agree(snapshot(vm))
+    rounds = a["failed_rounds"]
+    a = wait_attr(vm, lambda a: a["failed_rounds"] > rounds, timeout=30)
+    assert a["failed_rounds"] > rounds, "no further round"
     assert vm.run("pidof vmr-fill").strip(), "the holding process died"
     vm.run("kill $(pidof vmr-fill)")
     return held
@@ -181,7 +223,9 @@ def test_held_pages_keep_their_big_block_movable(boot):
     base = vm.memtotal()
     hold_and_shrink(vm, base)
     assert "holds the memory: a user page with extra references" in vm.dmesg()
+    assert attrs(vm)["blocked_by"].endswith(" user page with extra references")
     follow(vm, base, ("0G",), timeout=90)
+    check_idle(vm, base, "online_movable")
 
 
 def test_held_pages_keep_their_big_block_default_policy(boot):

@@ -11,6 +11,7 @@ from typing import Callable
 
 import pytest
 
+from observe import check_idle, wait_for_online_and_warning
 from vmlib import CACHE, GiB, MiB, REPO, Vm
 
 DRIVER = "virtio_mem_rust"
@@ -158,12 +159,14 @@ def online_all(vm: Vm) -> None:
 
 def test_offline_threshold(boot):
     """With nothing onlining hotplugged memory, the driver stops adding once 1 GiB is added
-    but offline, and goes on as the blocks are onlined."""
+    but offline, says so (sysfs `state` waiting_for_online, `offline_size` 1 GiB, one
+    warning naming the fix), and goes on as the blocks are onlined."""
     vm = boot(append="memhp_default_state=offline")
     base = vm.memtotal()
     vm.set_requested("2G")
     vm.wait_size("1G")
-    time.sleep(2)
+    # The driver says so: waiting_for_online in sysfs, 1 GiB offline, and a warning.
+    wait_for_online_and_warning(vm)
     assert vm.device()["size"] == GiB, "went past the offline threshold"
     assert vm.memtotal() == base, "memory came online without being onlined"
     deadline = time.monotonic() + 60
@@ -173,3 +176,4 @@ def test_offline_threshold(boot):
     assert vm.device()["size"] == 2 * GiB
     online_all(vm)
     assert settle_memtotal(vm, base + 2 * GiB) == base + 2 * GiB
+    check_idle(vm, base)

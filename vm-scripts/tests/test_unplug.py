@@ -7,6 +7,7 @@ import random
 import re
 import time
 
+from observe import check_idle, counters_agree, snapshot, wait_attr
 from test_boot import DRIVER, RUST_AND_DEBUG, settle_memtotal
 from vmlib import GiB, GuestError, MiB, Vm
 
@@ -105,7 +106,8 @@ def test_shrink_while_growing(boot):
 
 def test_device_busy_during_migration(boot):
     """While a migration runs the device answers BUSY: nothing changes, the guest stays
-    healthy; after the migration is cancelled, a nudge lets it converge."""
+    healthy, sysfs says `retrying` and `device busy` and counts the BUSY answers; after the
+    migration is cancelled, a nudge lets it converge, and sysfs says `idle`."""
     vm = boot()
     base = vm.memtotal()
     resize(vm, base, "2G")
@@ -115,7 +117,12 @@ def test_device_busy_during_migration(boot):
     time.sleep(0.5)
     assert vm.qmp.cmd("query-migrate")["status"] == "active"
     vm.set_requested("1G")
-    time.sleep(3)
+    # The driver says so: retrying, the device busy, its BUSY answers counted.
+    a = wait_attr(vm, lambda a: a["answers_busy"] > 0 and a["state"] == "retrying", 30)
+    print({k: a[k] for k in ("state", "answers_busy", "blocked_by", "failed_rounds")})
+    assert a["state"] == "retrying" and a["blocked_by"] == "device busy", a
+    assert a["answers_busy"] > 0 and a["plugged_size"] == 2 * GiB
+    counters_agree(snapshot(vm))
     assert vm.device()["size"] == 2 * GiB
     vm.set_requested("3G")
     time.sleep(3)
@@ -129,6 +136,7 @@ def test_device_busy_during_migration(boot):
     vm.set_requested("1G")
     vm.wait_size("1G", timeout=60)
     assert settle_memtotal(vm, base + GiB) == base + GiB
+    check_idle(vm, base)
 
 
 @RUST_AND_DEBUG
