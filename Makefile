@@ -58,7 +58,7 @@ vm-tests: kernels initramfs
 	$(PY) -m pytest -v -rA vm-scripts/tests $(PYTEST_ARGS)
 
 # Issue 9's scenarios (vm-scripts/tests/test_pressure.py) with the guest watched for 300 s
-# while the shrink cannot go on (120 s in vm-tests), each beside the upstream C driver's run
+# while the shrink cannot go on (60 s in vm-tests and make test), each beside the upstream C driver's run
 # and on the debug kernel too; and the suspend, hibernation, kexec, reboot and kdump tests
 # (test_lifecycle.py) beside the C driver's runs on Debian's own kernel.
 soak: kernels initramfs

@@ -584,32 +584,41 @@ impl<P: Platform> VirtioMem<P> {
         )
     }
 
-    /// Adds memory `addr .. addr + size` with the lock dropped (published first), and
-    /// counts its memory blocks if that worked.
+    /// Runs `hotplug` (adding or removing memory) with the lock dropped, the state
+    /// published first: core mm calls back into the memory notifier meanwhile.
+    fn hotplug_unlocked<'a, M: Worker<P>>(
+        &'a self,
+        g: Guard<'a, P, M>,
+        hotplug: impl FnOnce(&P) -> Result,
+    ) -> (Guard<'a, P, M>, Result) {
+        self.publish(&g);
+        unlocked(g, || hotplug(&self.platform))
+    }
+
+    /// Adds memory `addr .. addr + size` (see [`Self::hotplug_unlocked`]) and counts its
+    /// memory blocks if that worked.
     fn add_unlocked<'a, M: Worker<P>>(
         &'a self,
         g: Guard<'a, P, M>,
         addr: u64,
         size: u64,
     ) -> (Guard<'a, P, M>, Result) {
-        self.publish(&g);
-        let (mut g, res) = unlocked(g, || self.platform.add_memory(addr, size));
+        let (mut g, res) = self.hotplug_unlocked(g, |p| p.add_memory(addr, size));
         if res.is_ok() {
             g.counters.memory_blocks_added += size / self.geo.memory_block_size;
         }
         (g, res)
     }
 
-    /// Offlines and removes memory `addr .. addr + size` with the lock dropped (published
-    /// first), and counts its memory blocks if that worked.
+    /// Offlines and removes memory `addr .. addr + size` (see [`Self::hotplug_unlocked`]):
+    /// counts its memory blocks if that worked, names it in `blocked_by` if not.
     fn remove_unlocked<'a, M: Worker<P>>(
         &'a self,
         g: Guard<'a, P, M>,
         addr: u64,
         size: u64,
     ) -> (Guard<'a, P, M>, Result) {
-        self.publish(&g);
-        let (mut g, res) = unlocked(g, || self.platform.offline_and_remove(addr, size));
+        let (mut g, res) = self.hotplug_unlocked(g, |p| p.offline_and_remove(addr, size));
         match res {
             Ok(()) => g.counters.memory_blocks_removed += size / self.geo.memory_block_size,
             Err(_) => {

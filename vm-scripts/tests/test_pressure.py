@@ -5,7 +5,7 @@ there and says why, instead of taking the pages the guest lives on; once the dat
 it reaches the requested size.
 
 While the requested size cannot be reached the guest is watched for VMR_PRESSURE_SECONDS
-(default 120 s; `make soak` watches 300 s), one sample every 10 s: a command must answer
+(default 60 s; `make soak` watches 300 s), one sample every 10 s: a command must answer
 within 10 s, QEMU's `size` must leave room for the data, /proc/meminfo's MemAvailable must
 stay above half the driver's smallest margin.
 
@@ -34,7 +34,7 @@ from test_unplug import ram_down_to, resize, zero_or_pinned
 from vmlib import GiB, GuestError, MiB, Vm, parse_size
 
 # How long the guest is watched while the requested size is out of reach, and how often.
-STALL = float(os.environ.get("VMR_PRESSURE_SECONDS", "120"))
+STALL = float(os.environ.get("VMR_PRESSURE_SECONDS", "60"))
 EVERY = 10.0
 # A guest command must answer within this, in seconds of wall time on every kernel (not
 # scaled by Vm.slowdown: an idle guest answers in well under a second even on the debug
