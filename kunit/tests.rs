@@ -2295,6 +2295,73 @@ mod status_suite {
         Ok(())
     }
 
+    /// Text written into a growing buffer (debugfs files are longer than a sysfs value).
+    struct Text(KVec<u8>);
+
+    impl Write for Text {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            for b in s.bytes() {
+                self.0.push(b, GFP_KERNEL).map_err(|_| core::fmt::Error)?;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn holder_codes_are_the_glues() -> Result {
+        // `enum vmr_holder` in virtio_mem_glue.h, in its order.
+        let glue = [
+            "slab",
+            "large kmalloc",
+            "pinned user page",
+            "user page with extra references",
+            "page table",
+            "reserved page",
+            "mapped page not on an LRU list",
+            "kernel allocation",
+        ];
+        for (code, name) in glue.iter().enumerate() {
+            let holder = Holder::from_code(code as u32).ok_or(EINVAL)?;
+            assert_eq!(holder.name(), *name);
+        }
+        // -1 (nothing unmovable found) arrives as a huge code: no holder.
+        assert_eq!(Holder::from_code(glue.len() as u32), None);
+        assert_eq!(Holder::from_code(u32::MAX), None);
+        Ok(())
+    }
+
+    #[test]
+    fn debugfs_status_lists_every_attribute_of_one_snapshot() -> Result {
+        let mut f = probe(c"vmr-kunit-status-debugfs", qemu_config(), |_| {})?;
+        f.grow_online(256 * MIB)?;
+        let mut t = Text(KVec::new());
+        f.vm.write_status(&mut t).map_err(|_| ENOMEM)?;
+        let text = core::str::from_utf8(&t.0).map_err(|_| EINVAL)?;
+        let mut lines = 0;
+        for (line, name) in text.lines().zip(status::NAMES) {
+            let (n, value) = line.split_once(": ").ok_or(EINVAL)?;
+            assert_eq!(n, name);
+            // The same value as the attribute's file shows.
+            let w = shown(&f, Attr::from_name(n.as_bytes()).ok_or(EINVAL)?);
+            assert_eq!(&w.buf[..w.len - 1], value.as_bytes());
+            lines += 1;
+        }
+        assert_eq!(lines, status::NAMES.len());
+        assert_eq!(text.lines().count(), lines);
+        assert!(text.contains("\nplugged_size: 268435456\n"));
+        // One line per memory block in use, and the retry schedule.
+        let mut t = Text(KVec::new());
+        f.vm.write_blocks(&mut t).map_err(|_| ENOMEM)?;
+        let blocks = core::str::from_utf8(&t.0).map_err(|_| EINVAL)?;
+        assert_eq!(blocks.lines().count(), 2);
+        assert!(blocks.starts_with("0x100000000 online kernel 64/64 ffffffffffffffff\n"));
+        let mut t = Text(KVec::new());
+        f.vm.write_retry(&mut t).map_err(|_| ENOMEM)?;
+        let retry = core::str::from_utf8(&t.0).map_err(|_| EINVAL)?;
+        assert!(retry.starts_with("failed_rounds: 0\nnext_retry_ms: none\n"));
+        Ok(())
+    }
+
     #[test]
     fn every_attribute_is_one_line_with_a_name() -> Result {
         let f = probe(c"vmr-kunit-status-attrs", qemu_config(), |_| {})?;
