@@ -331,8 +331,8 @@ pub(crate) struct View<'a> {
     pub(crate) waiting_for_online: bool,
     pub(crate) nacked_at: Option<u64>,
     pub(crate) frozen: bool,
-    /// The device is going away (`remove`).
-    pub(crate) removing: bool,
+    /// The device is going away (`remove` has begun).
+    pub(crate) going_away: bool,
 }
 
 /// How a stop while unplugging is handled: the device does not NACK an unplug, so a NACK
@@ -972,7 +972,7 @@ impl<P: Platform> VirtioMem<P> {
             waiting_for_online: g.waiting_for_online,
             nacked_at: g.nacked_at,
             frozen: g.frozen,
-            removing: g.going_away,
+            going_away: g.going_away,
         }
     }
 
@@ -1524,7 +1524,7 @@ impl<P: Platform> VirtioMem<P> {
                         dev_err!(
                             self.dev,
                             "invalid answer to STATE {:#x}: MIXED for a single device block: \
-                         device marked broken\n",
+                             device marked broken\n",
                             addr
                         );
                         None
@@ -1534,7 +1534,7 @@ impl<P: Platform> VirtioMem<P> {
                         dev_err!(
                             self.dev,
                             "device answered STATE {:#x} ({} blocks) with {:?}: device marked \
-                         broken\n",
+                             broken\n",
                             addr,
                             nb_blocks,
                             r

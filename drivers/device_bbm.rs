@@ -100,8 +100,15 @@ impl<P: Platform> Worker<P> for BbmState {
         for bb in 0..self.bbm.nr_bbs() {
             match self.bbm.state(bb) {
                 BbState::Unused => {}
-                // Plugged, not added: offline. Being unplugged: taken from the kernel.
-                BbState::Plugged | BbState::FakeOffline => u.offline += geo.bb_size,
+                // Plugged, not added: offline; maybe only partly plugged.
+                BbState::Plugged => {
+                    u.offline += match self.partial {
+                        Some(p) if p.bb == bb => p.nb << geo.device_block_size.trailing_zeros(),
+                        _ => geo.bb_size,
+                    }
+                }
+                // Being unplugged: taken from the kernel.
+                BbState::FakeOffline => u.offline += geo.bb_size,
                 BbState::Added => {
                     let online = self.bbm.online_mbs(bb).count() as u64 * mb_size;
                     let movable = self.bbm.movable_mbs(bb) as u64 * mb_size;
@@ -109,13 +116,6 @@ impl<P: Platform> Worker<P> for BbmState {
                     u.movable += movable;
                     u.offline += geo.bb_size - online;
                 }
-            }
-        }
-        // A big block left partly plugged is in state plugged (counted whole above).
-        if let Some(p) = self.partial {
-            if self.bbm.state(p.bb) == BbState::Plugged {
-                u.offline -= geo.bb_size;
-                u.offline += p.nb << geo.device_block_size.trailing_zeros();
             }
         }
         u

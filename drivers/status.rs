@@ -224,7 +224,7 @@ pub(crate) struct Fixed {
 }
 
 /// The attributes of the `virtio_mem` sysfs group (the glue makes a file of each of
-/// [`NAMES`] and asks for it by name).
+/// [`ATTRS`] and asks for it by name).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Attr {
     RegionStart,
@@ -265,53 +265,58 @@ pub(crate) enum Attr {
 }
 
 impl Attr {
-    /// Every attribute, in order.
-    pub(crate) const ALL: [Attr; 35] = [
-        Self::RegionStart,
-        Self::RegionSize,
-        Self::UsableRegionSize,
-        Self::BlockSize,
-        Self::SubblockSize,
-        Self::MemoryBlockSize,
-        Self::Mode,
-        Self::Node,
-        Self::RequestedSize,
-        Self::PluggedSize,
-        Self::DevicePluggedSize,
-        Self::OnlineSize,
-        Self::OfflineSize,
-        Self::MovableSize,
-        Self::State,
-        Self::FailedRounds,
-        Self::NextRetryMs,
-        Self::BlockedBy,
-        Self::RequestsPlug,
-        Self::RequestsUnplug,
-        Self::RequestsUnplugAll,
-        Self::RequestsState,
-        Self::AnswersAck,
-        Self::AnswersNack,
-        Self::AnswersBusy,
-        Self::AnswersError,
-        Self::AnswersInvalid,
-        Self::AnswersTimeout,
-        Self::BytesPlugged,
-        Self::BytesUnplugged,
-        Self::BytesMigrated,
-        Self::AllocContigRangeFailures,
-        Self::DropSlabCalls,
-        Self::MemoryBlocksAdded,
-        Self::MemoryBlocksRemoved,
-    ];
-
     /// The attribute whose file is named `name`.
     pub(crate) fn from_name(name: &[u8]) -> Option<Self> {
-        NAMES
+        ATTRS
             .iter()
-            .position(|n| n.as_bytes() == name)
-            .map(|i| Self::ALL[i])
+            .find(|(_, n)| n.as_bytes() == name)
+            .map(|(a, _)| *a)
     }
 }
+
+/// Every attribute and its file's name, in the order `debugfs` `status` lists them (the
+/// glue's `vmr_attrs` makes the same files; the boot tests compare both with the ABI
+/// document).
+pub(crate) const ATTRS: [(Attr, &str); 35] = [
+    (Attr::RegionStart, "region_start"),
+    (Attr::RegionSize, "region_size"),
+    (Attr::UsableRegionSize, "usable_region_size"),
+    (Attr::BlockSize, "block_size"),
+    (Attr::SubblockSize, "subblock_size"),
+    (Attr::MemoryBlockSize, "memory_block_size"),
+    (Attr::Mode, "mode"),
+    (Attr::Node, "node"),
+    (Attr::RequestedSize, "requested_size"),
+    (Attr::PluggedSize, "plugged_size"),
+    (Attr::DevicePluggedSize, "device_plugged_size"),
+    (Attr::OnlineSize, "online_size"),
+    (Attr::OfflineSize, "offline_size"),
+    (Attr::MovableSize, "movable_size"),
+    (Attr::State, "state"),
+    (Attr::FailedRounds, "failed_rounds"),
+    (Attr::NextRetryMs, "next_retry_ms"),
+    (Attr::BlockedBy, "blocked_by"),
+    (Attr::RequestsPlug, "requests_plug"),
+    (Attr::RequestsUnplug, "requests_unplug"),
+    (Attr::RequestsUnplugAll, "requests_unplug_all"),
+    (Attr::RequestsState, "requests_state"),
+    (Attr::AnswersAck, "answers_ack"),
+    (Attr::AnswersNack, "answers_nack"),
+    (Attr::AnswersBusy, "answers_busy"),
+    (Attr::AnswersError, "answers_error"),
+    (Attr::AnswersInvalid, "answers_invalid"),
+    (Attr::AnswersTimeout, "answers_timeout"),
+    (Attr::BytesPlugged, "bytes_plugged"),
+    (Attr::BytesUnplugged, "bytes_unplugged"),
+    (Attr::BytesMigrated, "bytes_migrated"),
+    (
+        Attr::AllocContigRangeFailures,
+        "alloc_contig_range_failures",
+    ),
+    (Attr::DropSlabCalls, "drop_slab_calls"),
+    (Attr::MemoryBlocksAdded, "memory_blocks_added"),
+    (Attr::MemoryBlocksRemoved, "memory_blocks_removed"),
+];
 
 /// Writes attribute `attr` (one value and a newline, as sysfs wants it). `now_ms` is the
 /// platform's clock, for `next_retry_ms`.
@@ -392,49 +397,9 @@ pub(crate) fn show_all(
     now_ms: u64,
     w: &mut impl Write,
 ) -> fmt::Result {
-    for (attr, name) in Attr::ALL.iter().zip(NAMES) {
+    for (attr, name) in ATTRS {
         write!(w, "{}: ", name)?;
-        show(*attr, fixed, s, now_ms, w)?;
+        show(attr, fixed, s, now_ms, w)?;
     }
     Ok(())
 }
-
-/// The attribute files' names, in [`Attr::ALL`]'s order (the glue's `vmr_attrs` lists the
-/// same files; the boot tests compare both with the ABI document).
-pub(crate) const NAMES: [&str; 35] = [
-    "region_start",
-    "region_size",
-    "usable_region_size",
-    "block_size",
-    "subblock_size",
-    "memory_block_size",
-    "mode",
-    "node",
-    "requested_size",
-    "plugged_size",
-    "device_plugged_size",
-    "online_size",
-    "offline_size",
-    "movable_size",
-    "state",
-    "failed_rounds",
-    "next_retry_ms",
-    "blocked_by",
-    "requests_plug",
-    "requests_unplug",
-    "requests_unplug_all",
-    "requests_state",
-    "answers_ack",
-    "answers_nack",
-    "answers_busy",
-    "answers_error",
-    "answers_invalid",
-    "answers_timeout",
-    "bytes_plugged",
-    "bytes_unplugged",
-    "bytes_migrated",
-    "alloc_contig_range_failures",
-    "drop_slab_calls",
-    "memory_blocks_added",
-    "memory_blocks_removed",
-];

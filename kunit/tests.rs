@@ -2338,7 +2338,7 @@ mod status_suite {
         f.vm.write_status(&mut t).map_err(|_| ENOMEM)?;
         let text = core::str::from_utf8(&t.0).map_err(|_| EINVAL)?;
         let mut lines = 0;
-        for (line, name) in text.lines().zip(status::NAMES) {
+        for (line, (_, name)) in text.lines().zip(status::ATTRS) {
             let (n, value) = line.split_once(": ").ok_or(EINVAL)?;
             assert_eq!(n, name);
             // The same value as the attribute's file shows.
@@ -2346,7 +2346,7 @@ mod status_suite {
             assert_eq!(&w.buf[..w.len - 1], value.as_bytes());
             lines += 1;
         }
-        assert_eq!(lines, status::NAMES.len());
+        assert_eq!(lines, status::ATTRS.len());
         assert_eq!(text.lines().count(), lines);
         assert!(text.contains("\nplugged_size: 268435456\n"));
         // One line per memory block in use, and the retry schedule.
@@ -2365,10 +2365,11 @@ mod status_suite {
     #[test]
     fn every_attribute_is_one_line_with_a_name() -> Result {
         let f = probe(c"vmr-kunit-status-attrs", qemu_config(), |_| {})?;
-        assert_eq!(status::NAMES.len(), Attr::ALL.len());
-        for (i, name) in status::NAMES.iter().enumerate() {
-            assert_eq!(Attr::from_name(name.as_bytes()), Some(Attr::ALL[i]));
-            let w = shown(&f, Attr::ALL[i]);
+        for (i, (attr, name)) in status::ATTRS.iter().enumerate() {
+            // Each name finds its own attribute (no name twice), each attribute once.
+            assert_eq!(Attr::from_name(name.as_bytes()), Some(*attr));
+            assert!(status::ATTRS[..i].iter().all(|(a, _)| a != attr));
+            let w = shown(&f, *attr);
             let text = &w.buf[..w.len];
             assert!(text.len() >= 2 && text.ends_with(b"\n"));
             assert_eq!(text.iter().filter(|&&b| b == b'\n').count(), 1);

@@ -3177,7 +3177,7 @@ fn check_snapshot(s: &Snapshot, d: &View<'_>, when: &str) {
     );
     // A broken device may hold memory of unknown state (a request without a valid answer):
     // neither online nor offline.
-    if !d.broken && !d.removing {
+    if !d.broken && !d.going_away {
         assert_eq!(
             s.usage.online + s.usage.offline,
             s.plugged,
